@@ -1,0 +1,77 @@
+"""Turn already-measured rows (one per variant, baseline first) into a run's report files.
+
+`write_report` writes `results.csv`, `results.json`, `report.html` and `study.db` into one
+directory. Nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from compress.report.html import html_table, render_html, write_html
+from compress.report.plots import ratio_bar_charts
+from compress.report.study import dashboard_command, sqlite_url, write_study
+from compress.report.tables import RATIO_METRICS, add_ratios, write_csv, write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RATIO_METRICS",
+    "add_ratios",
+    "dashboard_command",
+    "html_table",
+    "ratio_bar_charts",
+    "render_html",
+    "sqlite_url",
+    "write_csv",
+    "write_html",
+    "write_json",
+    "write_report",
+    "write_study",
+]
+
+
+def write_report(
+    out_dir: Path,
+    rows: Sequence[dict],
+    *,
+    name: str,
+    recipe_text: str,
+    meta: dict,
+    definitions: dict[str, str],
+    environment: dict[str, str],
+    sections: Sequence[tuple[str, str]] = (),
+) -> dict[str, Path]:
+    """Write a run's report into `out_dir` (created if needed) and return the file paths.
+
+    Keys of the result: "csv", "json", "html", "study" (the SQLite file holding the Optuna
+    study named `name`; any earlier study of that name in it is replaced).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = add_ratios(rows)
+    paths = {
+        "csv": out_dir / "results.csv",
+        "json": out_dir / "results.json",
+        "html": out_dir / "report.html",
+        "study": out_dir / "study.db",
+    }
+    write_csv(paths["csv"], rows)
+    write_json(paths["json"], rows, meta)
+    write_html(
+        paths["html"],
+        rows,
+        title=f"compress report: {name}",
+        recipe_text=recipe_text,
+        definitions=definitions,
+        environment=environment,
+        sections=sections,
+        charts=ratio_bar_charts(rows),
+    )
+    write_study(sqlite_url(paths["study"]), name, rows, meta=meta)
+    logger.info(
+        "report written to %s; open the study with: %s", out_dir, dashboard_command(paths["study"])
+    )
+    return paths

@@ -1,0 +1,126 @@
+"""Store a run's rows as an Optuna study, one trial per variant, for optuna-dashboard.
+
+The study is multi-objective (perplexity, latency, weight bytes; all minimised), so the
+dashboard shows the Pareto front of the variants directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+from compress.report.tables import as_float, jsonable
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES: tuple[tuple[str, str], ...] = (
+    ("perplexity", "perplexity"),
+    ("latency_ms", "latency_ms_median"),
+    ("weight_bytes", "weight_bytes"),
+)
+"""(metric name shown in the study, row key it is read from), in objective order."""
+
+
+def _objective_values(row: dict) -> tuple[list[float] | None, str | None]:
+    """The row's objective values, or None and the reason the trial must be FAIL."""
+    if row.get("status") != "ok":
+        return None, str(row.get("error") or f"status {row.get('status')!r}")
+    values: list[float] = []
+    missing: list[str] = []
+    for _, key in OBJECTIVES:
+        value = as_float(row.get(key))  # None for missing and NaN
+        if value is None:
+            missing.append(key)
+        else:
+            values.append(value)
+    if missing:
+        return None, str(row.get("error") or f"missing metric(s): {', '.join(missing)}")
+    return values, None
+
+
+def _user_attrs(row: dict) -> dict[str, Any]:
+    """Every key of `row` whose value is JSON-able (NaN/inf as None; others skipped)."""
+    attrs: dict[str, Any] = {}
+    for key, value in row.items():
+        clean = jsonable(value)
+        if isinstance(clean, str) and not isinstance(value, str):
+            logger.debug("user attr %r skipped: %r is not JSON-able", key, type(value))
+            continue
+        attrs[str(key)] = clean
+    return attrs
+
+
+def write_study(
+    storage: str,
+    study_name: str,
+    rows: Sequence[dict],
+    meta: dict | None = None,
+) -> None:
+    """Write `rows` as the Optuna study `study_name` in `storage` (an SQLAlchemy URL such as
+    `sqlite:///reports/x/study.db`), replacing any study of that name there.
+
+    One trial per row, in row order: param `variant`, values (perplexity, latency median,
+    weight bytes), every JSON-able key of the row as a user attr. A row that failed or lacks
+    one of the three values becomes a FAIL trial with a user attr `error`. Each key of
+    `meta` becomes a study user attr.
+    """
+    rdb = optuna.storages.RDBStorage(storage)
+    try:
+        try:
+            optuna.delete_study(study_name=study_name, storage=rdb)
+            logger.info("replaced existing study %r in %s", study_name, storage)
+        except KeyError:
+            pass
+        study = optuna.create_study(
+            storage=rdb,
+            study_name=study_name,
+            directions=["minimize"] * len(OBJECTIVES),
+        )
+        with warnings.catch_warnings():  # experimental in optuna, but stable in practice
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([name for name, _ in OBJECTIVES])
+        for key, value in (meta or {}).items():
+            study.set_user_attr(str(key), jsonable(value))
+
+        names = [str(row.get("variant")) for row in rows]
+        distribution = CategoricalDistribution(choices=list(dict.fromkeys(names)))
+        for name, row in zip(names, rows, strict=True):
+            values, error = _objective_values(row)
+            attrs = _user_attrs(row)
+            if values is None:
+                attrs["error"] = error
+                state = TrialState.FAIL
+            else:
+                state = TrialState.COMPLETE
+            trial = optuna.trial.create_trial(
+                state=state,
+                values=values,
+                params={"variant": name},
+                distributions={"variant": distribution},
+                user_attrs=attrs,
+            )
+            study.add_trial(trial)
+        logger.info("wrote study %r (%d trials) to %s", study_name, len(rows), storage)
+    finally:
+        rdb.engine.dispose()
+
+
+def sqlite_url(db_path: str | Path) -> str:
+    """The SQLAlchemy URL of an SQLite file; a relative path stays relative."""
+    return f"sqlite:///{Path(db_path).as_posix()}"
+
+
+def dashboard_command(db_path: str | Path) -> str:
+    """The shell command that opens the study database at `db_path` in optuna-dashboard."""
+    return f"optuna-dashboard {shlex.quote(sqlite_url(db_path))}"
+
+
+__all__ = ["OBJECTIVES", "dashboard_command", "sqlite_url", "write_study"]
