@@ -1,0 +1,185 @@
+"""The one training loop: baseline training, recovery fine-tuning and distillation all use it.
+
+AdamW, linear warm-up then cosine decay, gradient clipping, optional bf16 autocast, a budget in
+steps and/or minutes, periodic validation with optional early stopping, and a progress bar.
+The loss is pluggable (``loss_fn``) so distillation reuses the loop unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 600
+    max_minutes: float | None = None  # wall-clock cap; whichever budget ends first stops training
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    bf16: bool = False  # bf16 autocast for forward/backward (weights and optimizer stay fp32)
+    eval_every: int = 100
+    eval_batches: int = 8
+    early_stop_patience: int | None = None  # evaluations without improvement before stopping
+    seed: int = 0
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    seconds: float
+    tokens_seen: int
+    final_train_loss: float
+    best_val_loss: float | None
+    stopped_by: str  # "max_steps", "max_minutes" or "early_stop"
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: the default loss."""
+    logits = model(x)  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def sample_batch(
+    ids: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of ``seq_len + 1`` tokens: inputs and next-token targets, (B, T) each."""
+    if ids.numel() < seq_len + 2:
+        raise ValueError(f"need more than {seq_len + 1} tokens to train, got {ids.numel()}")
+    starts = torch.randint(0, ids.numel() - seq_len - 1, (batch_size,), generator=gen)
+    offsets = torch.arange(seq_len + 1)
+    windows = ids[starts[:, None] + offsets]  # (B, T+1)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: nn.Module, ids: torch.Tensor, cfg: TrainConfig, loss_fn: LossFn = lm_loss
+) -> float:
+    """Mean loss over ``cfg.eval_batches`` fixed (seeded) batches of ``ids``."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in range(cfg.eval_batches):
+        x, y = sample_batch(ids, cfg.batch_size, cfg.seq_len, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            losses.append(loss_fn(model, x, y).item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def train(
+    model: nn.Module,
+    train_ids: torch.Tensor,
+    cfg: TrainConfig,
+    val_ids: torch.Tensor | None = None,
+    loss_fn: LossFn = lm_loss,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainReport:
+    """Train ``model`` in place on random windows of ``train_ids`` and return what happened."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    model.train()
+    start = time.perf_counter()
+    deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
+    history: list[dict] = []
+    best_val: float | None = None
+    bad_evals = 0
+    stopped_by = "max_steps"
+    loss_value = float("nan")
+    step = 0
+    bar = tqdm(total=cfg.max_steps, desc=desc, disable=not progress, leave=False, unit="step")
+    try:
+        while step < cfg.max_steps:
+            if deadline is not None and time.perf_counter() >= deadline:
+                stopped_by = "max_minutes"
+                break
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = sample_batch(train_ids, cfg.batch_size, cfg.seq_len, gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = loss_fn(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"{desc}: loss became {loss_value} at step {step}")
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+            if val_ids is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                val = estimate_loss(model, val_ids, cfg, loss_fn)
+                history.append({"step": step, "train_loss": loss_value, "val_loss": val})
+                log.info("%s step %d: train %.4f val %.4f", desc, step, loss_value, val)
+                if best_val is None or val < best_val:
+                    best_val, bad_evals = val, 0
+                else:
+                    bad_evals += 1
+                    if cfg.early_stop_patience is not None and bad_evals >= cfg.early_stop_patience:
+                        stopped_by = "early_stop"
+                        break
+    finally:
+        bar.close()
+    model.eval()
+    seconds = time.perf_counter() - start
+    return TrainReport(
+        steps=step,
+        seconds=seconds,
+        tokens_seen=step * cfg.batch_size * cfg.seq_len,
+        final_train_loss=loss_value,
+        best_val_loss=best_val,
+        stopped_by=stopped_by,
+        history=history,
+    )
