@@ -1,0 +1,151 @@
+"""Weight quantization with bitsandbytes: ``int8`` (LLM.int8()), ``nf4`` and ``fp4``.
+
+``int8`` replaces each targeted ``nn.Linear`` with ``bnb.nn.Linear8bitLt`` (row-wise absmax int8
+weights plus one fp32 scale per output row; activation columns above ``threshold`` take an
+fp16 outlier path). ``nf4``/``fp4`` use ``bnb.nn.Linear4bit``: two 4-bit codes per byte, one
+absmax per ``blocksize`` weights, optionally itself quantized to 8 bits (``double_quant``).
+On a CPU these save memory but are not faster than fp32 (see the latency column).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from compress._bnb import import_bnb
+from compress.compressors.base import StageConfig, StageContext, StageReport, register
+from compress.compressors.targets import select_modules, set_module
+from compress.evaluate.memory import module_weight_bytes
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Int8Config(StageConfig):
+    threshold: float = Field(6.0, ge=0.0, description="outlier threshold; 0 disables it")
+    targets: list[str] | None = None
+    ignore: list[str] = ["lm_head"]
+
+
+class FourBitConfig(StageConfig):
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
+    double_quant: bool = True
+    targets: list[str] | None = None
+    ignore: list[str] = ["lm_head"]
+
+
+def make_int8_linear(lin: nn.Linear, threshold: float) -> nn.Module:
+    bnb = import_bnb()
+    q = bnb.nn.Linear8bitLt(
+        lin.in_features,
+        lin.out_features,
+        bias=lin.bias is not None,
+        has_fp16_weights=False,
+        threshold=threshold,
+        device="meta",
+    )
+    q.weight = bnb.nn.Int8Params(
+        lin.weight.detach().to("cpu", torch.float32).clone(),
+        requires_grad=False,
+        has_fp16_weights=False,
+    )
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    # Moving a float Int8Params to a device quantizes it. bitsandbytes picks its kernels by
+    # train/eval mode, so the new layer takes the mode of the one it replaces.
+    return q.to("cpu").train(lin.training)
+
+
+def make_4bit_linear(
+    lin: nn.Linear, quant_type: str, compute_dtype: str, blocksize: int, double_quant: bool
+) -> nn.Module:
+    bnb = import_bnb()
+    q = bnb.nn.Linear4bit(
+        lin.in_features,
+        lin.out_features,
+        bias=lin.bias is not None,
+        compute_dtype=DTYPES[compute_dtype],
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        device="meta",
+    )
+    q.weight = bnb.nn.Params4bit(
+        lin.weight.detach().to("cpu", torch.float32).clone(),
+        requires_grad=False,
+        quant_type=quant_type,
+        compress_statistics=double_quant,
+        blocksize=blocksize,
+    )
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    return q.to("cpu").train(lin.training)
+
+
+def _convert(
+    model: nn.Module, stage: str, cfg: Int8Config | FourBitConfig, make, spec: dict
+) -> tuple[nn.Module, StageReport]:
+    sel = select_modules(model, (nn.Linear,), cfg.targets, cfg.ignore, stage=stage)
+    report = StageReport(stage=stage, config=cfg.model_dump(), skipped=sel.skipped)
+    for name, lin in sel.selected:
+        before = module_weight_bytes(lin)
+        q = make(lin)
+        set_module(model, name, q)
+        after = module_weight_bytes(q)
+        report.touched.append(
+            {
+                "module": name,
+                "from": type(lin).__name__,
+                "to": type(q).__name__,
+                "shape": [lin.out_features, lin.in_features],
+                "bytes_before": before,
+                "bytes_after": after,
+                "quant": spec,
+            }
+        )
+        report.touched_bytes_before += before
+        report.touched_bytes_after += after
+    weights = sum(t["shape"][0] * t["shape"][1] for t in report.touched)
+    # Bits per weight of the touched layers, biases excluded: codes plus scales/absmax/maps.
+    if weights:
+        bias_bytes = sum(
+            model.get_submodule(t["module"]).bias.nbytes
+            for t in report.touched
+            if model.get_submodule(t["module"]).bias is not None
+        )
+        report.extra["bits_per_weight"] = 8 * (report.touched_bytes_after - bias_bytes) / weights
+    return model, report
+
+
+@register("int8", Int8Config)
+def apply_int8(
+    model: nn.Module, cfg: Int8Config, ctx: StageContext
+) -> tuple[nn.Module, StageReport]:
+    """bitsandbytes LLM.int8(): int8 weights with per-row scales and an fp16 outlier path."""
+    spec = {"kind": "int8", "threshold": cfg.threshold}
+    return _convert(model, "int8", cfg, lambda lin: make_int8_linear(lin, cfg.threshold), spec)
+
+
+def _four_bit(quant_type: str):
+    def apply(
+        model: nn.Module, cfg: FourBitConfig, ctx: StageContext
+    ) -> tuple[nn.Module, StageReport]:
+        spec = {
+            "kind": quant_type,
+            "compute_dtype": cfg.compute_dtype,
+            "blocksize": cfg.blocksize,
+            "double_quant": cfg.double_quant,
+        }
+        make = lambda lin: make_4bit_linear(  # noqa: E731
+            lin, quant_type, cfg.compute_dtype, cfg.blocksize, cfg.double_quant
+        )
+        return _convert(model, quant_type, cfg, make, spec)
+
+    apply.__doc__ = f"bitsandbytes 4-bit ({quant_type}) weights with blockwise absmax scales."
+    return apply
+
+
+register("nf4", FourBitConfig)(_four_bit("nf4"))
+register("fp4", FourBitConfig)(_four_bit("fp4"))

@@ -1,0 +1,50 @@
+"""Measurements: perplexity, latency and memory, as defined in :data:`DEFINITIONS`."""
+
+from __future__ import annotations
+
+# Written into every report, so a reader knows exactly what each number is.
+DEFINITIONS: dict[str, str] = {
+    "perplexity": (
+        "exp of the token-weighted mean negative log-likelihood (natural log) of the held-out "
+        "split's tokens. The split's token stream is cut into windows of seq_len tokens starting "
+        "every stride tokens; each target token is scored exactly once, by the first window that "
+        "contains it. Every variant of a run is scored on exactly the same tokens."
+    ),
+    "unigram perplexity": (
+        "perplexity of a unigram model (token frequencies of the training split, add-one "
+        "smoothed over the vocabulary) on the same held-out tokens: the floor any language model "
+        "should beat by a wide margin."
+    ),
+    "latency_ms_median / latency_ms_iqr": (
+        "median and interquartile range (75th minus 25th percentile) of the wall time of one "
+        "forward pass over a batch of token ids, at the stated batch size, sequence length and "
+        "torch thread count, after warm-up passes. All variants are timed in the same run in "
+        "alternating rounds (one pass each per round, rotating order), so ratios are side by side."
+    ),
+    "weight_bytes": (
+        "exact bytes of every tensor in the model's state dict as stored, shared (tied) tensors "
+        "once: quantized codes plus their scales, absmax values and quantization maps; biases, "
+        "norms and embeddings in their own dtype."
+    ),
+    "quantized_layer_bytes (ratio)": (
+        "bytes of the layers a quantization stage converted, after conversion, and that number "
+        "divided by the same layers' bytes before conversion (fp32)."
+    ),
+    "bits_per_weight": (
+        "bits per weight of the quantized layers' weight matrices including their scales and "
+        "maps (biases excluded); 32 for an unquantized model."
+    ),
+    "saved_bytes": "size on disk of the saved variant: model.safetensors plus its JSON manifest.",
+    "peak_rss_bytes": (
+        "peak resident set size (getrusage ru_maxrss) of a fresh Python process that imports "
+        "torch and compress, loads the saved variant and runs one forward pass at the latency "
+        "batch shape. rss_after_import_bytes is that process's resident size before loading, so "
+        "peak minus it is what the model and its inference added."
+    ),
+    "params": (
+        "parameters the model represents, tied weights once, packed 4-bit weights at their "
+        "logical (unpacked) count."
+    ),
+    "sparsity": "fraction of exactly-zero entries in the floating-point weight matrices.",
+    "ratios (*_ratio)": "the metric divided by the baseline's value of the same run.",
+}

@@ -1,0 +1,51 @@
+"""Peak-RSS child process: ``python -m compress.evaluate.rss_child DIR BATCH SEQ_LEN THREADS``.
+
+Prints one JSON line. Kept minimal so the measurement is of loading and running the model.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def main(argv: list[str]) -> None:
+    variant_dir, batch, seq_len, threads = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    import torch
+
+    from compress.variant import load_variant
+
+    torch.set_num_threads(threads)
+    after_import = _rss_bytes()
+    model = load_variant(variant_dir)
+    after_load = _rss_bytes()
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(x)
+    peak = _peak_rss_bytes()
+    print(
+        json.dumps(
+            {
+                "rss_after_import_bytes": after_import,
+                "rss_after_load_bytes": after_load,
+                "peak_rss_bytes": peak,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,146 @@
+"""Saving and loading a (possibly compressed) model: safetensors weights plus a JSON manifest.
+
+A saved variant is a folder with ``model.safetensors`` (every tensor of the state dict, tied
+weights once; quantized layers as their packed codes and scales) and ``variant.json`` (the model
+config and, for each converted module, how it was quantized). Loading rebuilds the architecture
+from the config, swaps in empty quantized shells and fills them from the file: nothing is
+unpickled and no code is executed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from compress.compressors.quantize import DTYPES
+from compress.compressors.targets import set_module
+from compress.errors import CompressError
+from compress.models.gpt import GPT, GPTConfig
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "variant.json"
+
+
+def quantized_modules(model: nn.Module) -> dict[str, dict]:
+    """Manifest entries for the bitsandbytes layers in ``model``."""
+    out: dict[str, dict] = {}
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        if kind == "Linear8bitLt":
+            out[name] = {"kind": "int8", "threshold": float(m.state.threshold)}
+        elif kind == "Linear4bit":
+            qs = m.weight.quant_state
+            out[name] = {
+                "kind": qs.quant_type,
+                "compute_dtype": str(m.compute_dtype).removeprefix("torch."),
+                "blocksize": qs.blocksize,
+                "double_quant": qs.nested,
+            }
+    return out
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with each shared tensor under its first name only (safetensors needs that)."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def save_variant(model: GPT, path: Path, extra: dict | None = None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "architecture": "compress.GPT",
+        "config": model.config.to_dict(),
+        "quantized": quantized_modules(model),
+        "extra": extra or {},
+    }
+    save_file(_unique_state_dict(model), str(path / WEIGHTS))
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return path
+
+
+def _shell(spec: dict, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    from compress._bnb import import_bnb
+
+    bnb = import_bnb()
+    if spec["kind"] == "int8":
+        return bnb.nn.Linear8bitLt(
+            in_features,
+            out_features,
+            bias=bias,
+            has_fp16_weights=False,
+            threshold=spec["threshold"],
+            device="meta",
+        )
+    return bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=bias,
+        compute_dtype=DTYPES[spec["compute_dtype"]],
+        compress_statistics=spec["double_quant"],
+        quant_type=spec["kind"],
+        device="meta",
+    )
+
+
+def _fill(module: nn.Module, spec: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+    from compress._bnb import import_bnb
+
+    bnb = import_bnb()
+    own = {k[len(prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+    if spec["kind"] == "int8":
+        w = own["weight"]
+        module.weight = bnb.nn.Int8Params(
+            w, requires_grad=False, has_fp16_weights=False, CB=w, SCB=own["SCB"]
+        )
+    else:
+        stats = {k[len("weight.") :]: v for k, v in own.items() if k.startswith("weight.")}
+        module.weight = bnb.nn.Params4bit.from_prequantized(
+            data=own["weight"], quantized_stats=stats, requires_grad=False, device="cpu"
+        )
+    if "bias" in own:
+        module.bias = nn.Parameter(own["bias"], requires_grad=False)
+
+
+def load_variant(path: Path | str) -> GPT:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CompressError(f"{path}: not a saved variant (no {MANIFEST})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CompressError(
+            f"{path / MANIFEST}: format_version {manifest.get('format_version')!r}, "
+            f"this version of compress reads {FORMAT_VERSION}"
+        )
+    cfg = GPTConfig.from_dict(manifest["config"])
+    tensors = load_file(str(path / WEIGHTS))
+    with torch.device("meta"):
+        model = GPT(cfg)
+    # Quantized layers first: they take their tensors out of ``tensors``.
+    for name, spec in manifest["quantized"].items():
+        old = model.get_submodule(name)
+        shell = _shell(spec, old.in_features, old.out_features, old.bias is not None)
+        _fill(shell, spec, name + ".", tensors)
+        set_module(model, name, shell)
+    # Pruned models have smaller layers than the config's defaults: take shapes from the file.
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.lm_head.weight = model.tok_emb.weight  # re-tie (saved once)
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    leftover += [n for n, b in model.named_buffers() if b.is_meta]
+    if leftover:
+        raise CompressError(f"{path / WEIGHTS}: missing tensors {leftover[:5]}")
+    return model.eval()
