@@ -1,0 +1,275 @@
+"""Recipes: YAML in, a validated :class:`Recipe` out, or one error naming file, key and fix.
+
+    name: int8                    # optional; defaults to the file name
+    model: {preset: small}        # the built-in baseline GPT
+    data: {corpus: builtin, vocab_size: 4096}
+    train: {max_steps: 700}       # baseline training; cached under a key of all inputs
+    eval:
+      perplexity: {split: test, seq_len: 256, stride: 256}
+      latency: {batch_size: 8, seq_len: 256, threads: 2}
+    variants:
+      - name: int8
+        pipeline:
+          - int8: {threshold: 6.0}
+
+Unknown keys are rejected everywhere. A pipeline stage is a one-key mapping from a registered
+compressor name to its settings (``{}`` or nothing for the defaults).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from compress.compressors import REGISTRY, StageConfig
+from compress.errors import RecipeError
+from compress.models.gpt import PRESETS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    preset: Literal["tiny", "small"] = "small"
+
+
+class DataSpec(Strict):
+    corpus: Literal["builtin", "files"] = "builtin"
+    # For ``files``: a list of paths/globs split contiguously by ``fractions``, or a mapping
+    # {train: [...], valid: [...], test: [...]}. Relative paths are read from the recipe's folder.
+    files: list[str] | dict[str, list[str]] | None = None
+    fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    vocab_size: int = Field(4096, ge=257, le=65536)
+
+    @model_validator(mode="after")
+    def _files_iff_corpus_files(self) -> DataSpec:
+        if self.corpus == "files" and not self.files:
+            raise ValueError("corpus 'files' needs a non-empty 'files' list or mapping")
+        if self.corpus == "builtin" and self.files:
+            raise ValueError("'files' is only read when corpus is 'files'")
+        return self
+
+
+class TrainSpec(Strict):
+    max_steps: int = Field(700, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=8)
+    lr: float = Field(2e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    bf16: bool = False
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    early_stop_patience: int | None = Field(None, ge=1)
+
+
+class PerplexitySpec(Strict):
+    split: Literal["valid", "test"] = "test"
+    seq_len: int = Field(256, ge=8)
+    stride: int | None = Field(None, ge=1, description="defaults to seq_len (no overlap)")
+    batch_size: int = Field(8, ge=1)
+    max_tokens: int | None = Field(None, ge=16)
+
+    @model_validator(mode="after")
+    def _stride_le_seq_len(self) -> PerplexitySpec:
+        if self.stride is not None and self.stride > self.seq_len:
+            raise ValueError(f"stride {self.stride} must be <= seq_len {self.seq_len}")
+        return self
+
+
+class LatencySpec(Strict):
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=1)
+    threads: int | None = Field(None, ge=1, description="defaults to torch's thread count")
+    warmup: int = Field(3, ge=0)
+    repeats: int = Field(20, ge=3)
+
+
+class MemorySpec(Strict):
+    peak_rss: bool = True  # measure peak RSS of an inference run in a child process
+
+
+class EvalSpec(Strict):
+    perplexity: PerplexitySpec = PerplexitySpec()
+    latency: LatencySpec = LatencySpec()
+    memory: MemorySpec = MemorySpec()
+
+
+class VariantSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    pipeline: list[dict[str, Any]] = Field(min_length=1)
+
+
+class ReportSpec(Strict):
+    dir: str | None = None  # defaults to reports/<name>, relative to the working directory
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    seed: int = 0
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
+    variants: list[VariantSpec] = Field(default_factory=list)
+    report: ReportSpec = ReportSpec()
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, variants: list[VariantSpec]) -> list[VariantSpec]:
+        names = [v.name for v in variants]
+        dupes = sorted({n for n in names if names.count(n) > 1} | ({"baseline"} & set(names)))
+        if dupes:
+            raise ValueError(f"variant names must be unique and not 'baseline': {dupes}")
+        return variants
+
+    @model_validator(mode="after")
+    def _fits_block_size(self) -> Recipe:
+        block = PRESETS[self.model.preset]["block_size"]
+        for key, n in (
+            ("train.seq_len", self.train.seq_len),
+            ("eval.perplexity.seq_len", self.eval.perplexity.seq_len),
+            ("eval.latency.seq_len", self.eval.latency.seq_len),
+        ):
+            if n > block:
+                raise ValueError(
+                    f"{key} = {n} exceeds the '{self.model.preset}' model's block size {block}"
+                )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and error messages
+
+
+class Stage(typing.NamedTuple):
+    name: str
+    config: StageConfig
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found by following ``loc`` from ``cls`` (for 'allowed keys')."""
+    current: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _unwrap(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(ann: Any) -> Any:
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(ann):
+            inner = _unwrap(arg)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return ann
+
+
+def _first_error(exc: ValidationError, cls: type[BaseModel], prefix: tuple = ()) -> tuple[str, str]:
+    err = exc.errors()[0]
+    loc = prefix + tuple(p for p in err["loc"] if p not in ("function-after",))
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(cls, tuple(err["loc"][:-1]))
+        allowed = ", ".join(parent.model_fields) if parent else "see the documentation"
+        return _key_path(loc), f"unknown key; allowed keys: {allowed}"
+    if err["type"] == "missing":
+        return _key_path(loc), "required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    if err["type"] not in ("model_type", "dict_type", "list_type") and not isinstance(
+        got, (dict, list)
+    ):
+        msg += f", got {got!r}"
+    return _key_path(loc), msg
+
+
+def parse_stage(item: Any, where: str, file: str) -> Stage:
+    names = ", ".join(sorted(REGISTRY))
+    if not isinstance(item, dict) or len(item) != 1:
+        raise RecipeError(
+            file, where, f"a stage is a one-key mapping like {{int8: {{}}}}; compressors: {names}"
+        )
+    ((name, settings),) = item.items()
+    if name not in REGISTRY:
+        raise RecipeError(file, where, f"unknown compressor {name!r}; allowed: {names}")
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, dict):
+        raise RecipeError(file, f"{where}.{name}", f"settings must be a mapping, got {settings!r}")
+    cls = REGISTRY[name].config_cls
+    try:
+        return Stage(name, cls.model_validate(settings))
+    except ValidationError as exc:
+        key, msg = _first_error(exc, cls)
+        raise RecipeError(file, f"{where}.{name}.{key}".rstrip("."), msg) from None
+
+
+def recipe_from_dict(data: Any, file: str = "<recipe>", default_name: str = "recipe") -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(file, "", f"the top level must be a mapping, got {type(data).__name__}")
+    data = {"name": default_name, **data}
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        key, msg = _first_error(exc, Recipe)
+        raise RecipeError(file, key, msg) from None
+    for i, variant in enumerate(recipe.variants):
+        for j, item in enumerate(variant.pipeline):
+            parse_stage(item, f"variants[{i}].pipeline[{j}]", file)
+    return recipe
+
+
+def variant_stages(variant: VariantSpec) -> list[Stage]:
+    """The typed stages of ``variant`` (validated already at load, so this cannot fail)."""
+    return [parse_stage(item, variant.name, "<recipe>") for item in variant.pipeline]
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(file, "", "file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise RecipeError(file, "", f"cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(file, "", f"invalid YAML: {where}{problem}") from None
+    return recipe_from_dict(data, file, default_name=path.stem)

@@ -1,0 +1,266 @@
+"""Entry point: ``python -m compress.run RECIPE.yaml``.
+
+Validates the recipe, prepares data and the (cached) baseline, builds and measures every
+variant, writes ``reports/<name>/`` and prints a summary, where the report is, and the command
+that opens the run's Optuna study in the dashboard. Exit codes: 0 success, 1 some variant
+failed (the others are still reported), 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from compress.errors import CompressError
+from compress.evaluate import DEFINITIONS
+from compress.recipe import Recipe, load_recipe
+from compress.report import add_ratios, dashboard_command, html_table, write_report
+from compress.workbench import VariantResult, Workspace, environment, prepare, run_variants
+
+log = logging.getLogger("compress")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m compress.run",
+        description="Compress the baseline GPT as the recipe says; report what each variant costs.",
+    )
+    p.add_argument("recipe", type=Path, help="recipe YAML, e.g. recipes/int8.yaml")
+    p.add_argument("--report-dir", type=Path, help="write the report here (default reports/<name>)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    return p.parse_args(argv)
+
+
+def _fmt_bytes(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def summary_table(rows: list[dict]) -> str:
+    cols = [
+        "variant",
+        "ppl",
+        "ppl x",
+        "latency ms",
+        "lat x",
+        "weights",
+        "wt x",
+        "q-layer x",
+        "peak RSS",
+        "status",
+    ]
+    lines = []
+    for r in rows:
+        lines.append(
+            [
+                r["variant"],
+                _fmt(r.get("perplexity"), ".3f"),
+                _fmt(r.get("perplexity_ratio"), ".4f"),
+                "-"
+                if r.get("latency_ms_median") is None
+                else f"{r['latency_ms_median']:.2f} ± {r['latency_ms_iqr']:.2f}",
+                _fmt(r.get("latency_ms_median_ratio"), ".3f"),
+                _fmt_bytes(r.get("weight_bytes")),
+                _fmt(r.get("weight_bytes_ratio"), ".3f"),
+                _fmt(r.get("quantized_layer_bytes_ratio"), ".3f"),
+                _fmt_bytes(r.get("peak_rss_bytes")),
+                r["status"] if r["status"] == "ok" else f"FAILED: {r.get('error')}",
+            ]
+        )
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
+
+
+def _sections(
+    ws: Workspace, results: list[VariantResult], rows: list[dict]
+) -> list[tuple[str, str]]:
+    recipe = ws.recipe
+    info = ws.baseline_info
+    base = rows[0]
+    ppl = base.get("perplexity")
+    tr = info.train
+    baseline_rows = [
+        {
+            "what": "model",
+            "value": f"built-in GPT '{recipe.model.preset}', {base.get('params', 0):,} parameters",
+        },
+        {"what": "baseline cache key", "value": info.key},
+        {"what": "this run", "value": "loaded from cache" if info.cached else "trained now"},
+        {
+            "what": "training",
+            "value": f"{tr['steps']} steps, {tr['tokens_seen']:,} tokens, "
+            f"{tr['seconds']:.1f} s, stopped by {tr['stopped_by']}",
+        },
+        {"what": "best validation loss", "value": _fmt(tr.get("best_val_loss"), ".4f")},
+        {
+            "what": f"baseline perplexity ({recipe.eval.perplexity.split})",
+            "value": _fmt(ppl, ".3f"),
+        },
+        {
+            "what": f"unigram perplexity ({recipe.eval.perplexity.split})",
+            "value": f"{ws.unigram_perplexity:.3f}",
+        },
+        {
+            "what": "baseline / unigram",
+            "value": _fmt(ppl / ws.unigram_perplexity if ppl else None, ".4f"),
+        },
+    ]
+    ppl_spec, lat = recipe.eval.perplexity, recipe.eval.latency
+    first = next((r for r in results if r.perplexity), None)
+    first_lat = next((r for r in results if r.latency), None)
+    setup_rows = [
+        {"what": "corpus", "value": ws.corpus.description},
+        {"what": "corpus fingerprint", "value": ws.corpus.fingerprint},
+        {
+            "what": "tokenizer",
+            "value": f"byte-level BPE, vocab {ws.tokenizer.vocab_size}, "
+            f"fingerprint {ws.tokenizer.fingerprint}",
+        },
+        {
+            "what": "tokens per split",
+            "value": ", ".join(f"{k}: {v.numel():,}" for k, v in ws.tokens.items()),
+        },
+        {
+            "what": "perplexity",
+            "value": f"split {ppl_spec.split}, seq_len {ppl_spec.seq_len}, "
+            f"stride {ppl_spec.stride or ppl_spec.seq_len}, "
+            f"{first.perplexity.tokens if first else '-'} scored tokens",
+        },
+        {
+            "what": "latency",
+            "value": f"batch {lat.batch_size} x {lat.seq_len} tokens, "
+            f"{first_lat.latency.threads if first_lat else '-'} threads, "
+            f"{lat.warmup} warm-up passes, "
+            f"{lat.repeats} interleaved rounds",
+        },
+    ]
+    sections = [
+        ("Baseline", html_table(baseline_rows)),
+        ("Data and measurement settings", html_table(setup_rows)),
+    ]
+    for r in results:
+        for rep in r.stages:
+            body = (
+                f"<p>{len(rep.touched)} modules converted, {len(rep.skipped)} skipped, "
+                f"{rep.seconds:.2f} s; weight bytes {rep.weight_bytes_before:,} &rarr; "
+                f"{rep.weight_bytes_after:,}</p>"
+                + html_table([{k: v for k, v in t.items() if k != "quant"} for t in rep.touched])
+                + "<h4>Skipped</h4>"
+                + html_table(rep.skipped)
+            )
+            sections.append((f"Stage report: {r.name} / {rep.stage}", body))
+        if r.traceback:
+            sections.append((f"Failure: {r.name}", f"<pre>{html.escape(r.traceback)}</pre>"))
+    return sections
+
+
+def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
+    return {
+        "recipe": ws.recipe.name,
+        "corpus": {"description": ws.corpus.description, "fingerprint": ws.corpus.fingerprint},
+        "tokenizer": {
+            "vocab_size": ws.tokenizer.vocab_size,
+            "fingerprint": ws.tokenizer.fingerprint,
+        },
+        "baseline": {
+            "key": ws.baseline_info.key,
+            "cached": ws.baseline_info.cached,
+            "train": {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
+        },
+        "unigram_perplexity": ws.unigram_perplexity,
+        "setup_seconds": ws.setup_seconds,
+        "total_seconds": seconds,
+        "variants": {
+            r.name: {
+                "stages": [s.to_dict() for s in r.stages],
+                "perplexity": r.perplexity.to_dict() if r.perplexity else None,
+                "latency": r.latency.to_dict() if r.latency else None,
+                "rss": r.rss,
+            }
+            for r in results
+        },
+    }
+
+
+def run(recipe: Recipe, recipe_path: Path, report_dir: Path | None, progress: bool) -> int:
+    start = time.perf_counter()
+    out_dir = report_dir or Path("reports") / recipe.name
+    if recipe.report.dir and not report_dir:
+        out_dir = Path(recipe.report.dir)
+    names = ", ".join(["baseline", *(v.name for v in recipe.variants)])
+    print(f"compress: {recipe_path} -> {out_dir}/  (variants: {names})", flush=True)
+    ws = prepare(recipe, recipe_path.resolve().parent, progress=progress)
+    info = ws.baseline_info
+    how = "loaded from cache" if info.cached else f"trained in {info.train['seconds']:.0f} s"
+    print(f"data: {ws.corpus.description}", flush=True)
+    print(
+        f"baseline '{recipe.model.preset}': {how} ({info.path}); setup {ws.setup_seconds:.1f} s",
+        flush=True,
+    )
+    results = run_variants(ws, out_dir)
+    rows = [r.row for r in results]
+    recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    seconds = time.perf_counter() - start
+    paths = write_report(
+        out_dir,
+        rows,
+        name=recipe.name,
+        recipe_text=recipe_text,
+        meta=_meta(ws, results, seconds),
+        definitions=DEFINITIONS,
+        environment=environment(),
+        sections=_sections(ws, results, add_ratios(rows)),
+    )
+    rows = add_ratios(rows)
+    print()
+    print(summary_table(rows))
+    print()
+    print(
+        f"unigram perplexity of the same tokens: {ws.unigram_perplexity:.2f}; "
+        f"run took {seconds:.1f} s"
+    )
+    print(f"report: {paths['html']}  (also {paths['csv'].name}, {paths['json'].name})")
+    print(f"dashboard: {dashboard_command(paths['study'])}")
+    n_failed = sum(r["status"] != "ok" for r in rows)
+    if n_failed:
+        print(f"{n_failed} of {len(rows)} variants failed; see the report", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        recipe = load_recipe(args.recipe)
+        return run(recipe, args.recipe, args.report_dir, progress=not args.no_progress)
+    except CompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

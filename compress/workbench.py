@@ -1,0 +1,328 @@
+"""One recipe in, one comparison out: the path every entry point (run, sweep) goes through.
+
+    prepare(recipe)  -> corpus, tokenizer, token ids, baseline (cached), unigram reference
+    build_variant    -> baseline copy through the variant's compressor stages, stage reports
+    measure          -> perplexity, memory, saved size, peak RSS per variant; latency for all
+                        variants in interleaved rounds so drift on a noisy machine hits all alike
+    run_recipe       -> rows (baseline first) and the details a report needs
+
+A variant that fails is recorded with its error; the others go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from compress.compressors import StageContext, StageReport, run_stage
+from compress.data import (
+    Corpus,
+    Tokenizer,
+    builtin_corpus,
+    encode_splits,
+    files_corpus,
+    train_tokenizer,
+    unigram_perplexity,
+)
+from compress.evaluate.latency import LatencyResult, quartiles
+from compress.evaluate.memory import (
+    count_zeros,
+    dir_bytes,
+    module_weight_bytes,
+    param_count,
+    peak_rss,
+)
+from compress.evaluate.perplexity import PerplexityResult, perplexity
+from compress.models.baseline import BaselineInfo, get_baseline
+from compress.models.gpt import GPT, PRESETS, GPTConfig
+from compress.recipe import Recipe, VariantSpec, variant_stages
+from compress.train import TrainConfig
+from compress.variant import save_variant
+
+log = logging.getLogger(__name__)
+
+BASELINE = "baseline"
+
+
+@dataclass
+class Workspace:
+    recipe: Recipe
+    corpus: Corpus
+    tokenizer: Tokenizer
+    tokens: dict[str, torch.Tensor]
+    baseline: GPT
+    baseline_info: BaselineInfo
+    unigram_perplexity: float  # of the evaluation split, unigram fit on the training split
+    setup_seconds: float
+
+
+@dataclass
+class VariantResult:
+    name: str
+    row: dict
+    stages: list[StageReport] = field(default_factory=list)
+    perplexity: PerplexityResult | None = None
+    latency: LatencyResult | None = None
+    rss: dict | None = None
+    traceback: str | None = None
+
+
+def train_config(recipe: Recipe) -> TrainConfig:
+    return TrainConfig(**recipe.train.model_dump(), seed=recipe.seed)
+
+
+def load_data(recipe: Recipe, base_dir: Path) -> tuple[Corpus, Tokenizer, dict[str, torch.Tensor]]:
+    spec = recipe.data
+    if spec.corpus == "builtin":
+        corpus = builtin_corpus()
+    else:
+        corpus = files_corpus(spec.files, base_dir=base_dir, fractions=spec.fractions)
+    tokenizer = train_tokenizer(corpus, spec.vocab_size)
+    return corpus, tokenizer, encode_splits(tokenizer, corpus)
+
+
+def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
+    start = time.perf_counter()
+    corpus, tokenizer, tokens = load_data(recipe, base_dir)
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, **PRESETS[recipe.model.preset])
+    baseline, info = get_baseline(
+        cfg, tokens, corpus.fingerprint, tokenizer.fingerprint, train_config(recipe), progress
+    )
+    split = recipe.eval.perplexity.split
+    eval_ids = _eval_ids(recipe, tokens)
+    unigram = unigram_perplexity(tokens["train"], eval_ids, tokenizer.vocab_size)
+    log.info("unigram perplexity of %s split: %.2f", split, unigram)
+    return Workspace(
+        recipe, corpus, tokenizer, tokens, baseline, info, unigram, time.perf_counter() - start
+    )
+
+
+def _eval_ids(recipe: Recipe, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    spec = recipe.eval.perplexity
+    ids = tokens[spec.split]
+    return ids[: spec.max_tokens] if spec.max_tokens else ids
+
+
+def build_variant(ws: Workspace, variant: VariantSpec) -> tuple[nn.Module, list[StageReport]]:
+    """A deep copy of the baseline taken through the variant's stages, in recipe order."""
+    model = copy.deepcopy(ws.baseline).eval()
+    ctx = StageContext(seed=ws.recipe.seed, tokens=ws.tokens, baseline=ws.baseline)
+    reports = []
+    for stage in variant_stages(variant):
+        torch.manual_seed(ws.recipe.seed)
+        model, report = run_stage(stage.name, model, stage.config, ctx)
+        reports.append(report)
+        log.info(
+            "%s: %s touched %d modules, skipped %d",
+            variant.name,
+            stage.name,
+            len(report.touched),
+            len(report.skipped),
+        )
+    return model.eval(), reports
+
+
+def measure_static(
+    ws: Workspace, name: str, model: nn.Module, reports: list[StageReport], variant_dir: Path
+) -> VariantResult:
+    """Everything but latency: perplexity, weight bytes, saved size, peak RSS in a child."""
+    recipe = ws.recipe
+    quant = [r for r in reports if "bits_per_weight" in r.extra]
+    zeros, total = count_zeros(model)
+    row: dict = {
+        "variant": name,
+        "status": "ok",
+        "error": None,
+        "stages": " -> ".join(
+            f"{r.stage}({d})" if (d := _describe(r)) else r.stage for r in reports
+        ),
+        "params": param_count(model),
+        "weight_bytes": module_weight_bytes(model),
+        "quantized_layer_bytes": sum(r.touched_bytes_after for r in quant),
+        "quantized_layer_fp32_bytes": sum(r.touched_bytes_before for r in quant),
+        "bits_per_weight": quant[-1].extra["bits_per_weight"] if quant else 32.0,
+        "sparsity": zeros / total if total else 0.0,
+        "quantized_modules": sum(len(r.touched) for r in quant),
+    }
+    ppl_spec = recipe.eval.perplexity
+    ppl = perplexity(
+        model,
+        _eval_ids(recipe, ws.tokens),
+        ppl_spec.seq_len,
+        ppl_spec.stride,
+        ppl_spec.batch_size,
+    )
+    if not torch.isfinite(torch.tensor(ppl.perplexity)):
+        raise FloatingPointError(f"perplexity is {ppl.perplexity}")
+    row.update(perplexity=ppl.perplexity, nll=ppl.nll, eval_tokens=ppl.tokens)
+    if variant_dir.exists():
+        shutil.rmtree(variant_dir)
+    save_variant(model, variant_dir, extra={"variant": name, "stages": row["stages"]})
+    row["saved_bytes"] = dir_bytes(variant_dir)
+    rss = None
+    if recipe.eval.memory.peak_rss:
+        lat = recipe.eval.latency
+        rss = peak_rss(variant_dir, lat.batch_size, lat.seq_len, _threads(recipe))
+        row["peak_rss_bytes"] = rss["peak_rss_bytes"]
+        row["rss_after_load_bytes"] = rss["rss_after_load_bytes"]
+        row["rss_after_import_bytes"] = rss["rss_after_import_bytes"]
+    return VariantResult(name, row, reports, ppl, None, rss)
+
+
+def _describe(report: StageReport) -> str:
+    defaults = {}
+    from compress.compressors import REGISTRY
+
+    cls = REGISTRY[report.stage].config_cls
+    defaults = cls().model_dump()
+    return ", ".join(f"{k}={v}" for k, v in report.config.items() if defaults.get(k) != v)
+
+
+def _threads(recipe: Recipe) -> int:
+    return recipe.eval.latency.threads or torch.get_num_threads()
+
+
+@torch.inference_mode()
+def interleaved_latency(
+    models: dict[str, nn.Module],
+    vocab_size: int,
+    batch_size: int,
+    seq_len: int,
+    threads: int,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+) -> dict[str, LatencyResult]:
+    """Forward latency of several models measured in alternating rounds.
+
+    Each round times one forward pass of every model, in an order that rotates per round, so
+    slow drift of the machine (thermal, other processes) lands on all models alike and their
+    ratios stay meaningful. Warm-up passes run first for every model.
+    """
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    x = torch.randint(
+        0, vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed)
+    )
+    names = list(models)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    try:
+        for n in names:
+            models[n].eval()
+            for _ in range(warmup):
+                models[n](x)
+        for r in range(repeats):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                models[n](x)
+                samples[n].append((time.perf_counter() - t0) * 1000)
+    finally:
+        torch.set_num_threads(prev)
+    out = {}
+    for n, s in samples.items():
+        q25, q50, q75 = quartiles(s)
+        out[n] = LatencyResult(
+            q50, q75 - q25, q25, q75, min(s), batch_size, seq_len, threads, warmup, repeats, s
+        )
+    return out
+
+
+def failed(name: str, exc: BaseException) -> VariantResult:
+    log.error("variant %s failed: %s: %s", name, type(exc).__name__, exc)
+    return VariantResult(
+        name,
+        {"variant": name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"},
+        traceback=traceback.format_exc(),
+    )
+
+
+def run_variants(ws: Workspace, out_dir: Path) -> list[VariantResult]:
+    """Build and measure the baseline and every variant; failures are isolated per variant."""
+    recipe = ws.recipe
+    results: list[VariantResult] = []
+    models: dict[str, nn.Module] = {}
+    specs: list[tuple[str, VariantSpec | None]] = [(BASELINE, None)]
+    specs += [(v.name, v) for v in recipe.variants]
+    for name, spec in specs:
+        log.info("variant %s: building and measuring", name)
+        try:
+            model, reports = (ws.baseline, []) if spec is None else build_variant(ws, spec)
+            res = measure_static(ws, name, model, reports, out_dir / "variants" / name)
+            models[name] = model
+        except Exception as exc:  # one variant's failure never loses the others
+            res = failed(name, exc)
+        results.append(res)
+    lat = recipe.eval.latency
+    if models:
+        log.info("latency: %d interleaved rounds over %d variants", lat.repeats, len(models))
+        try:
+            timings = interleaved_latency(
+                models,
+                ws.tokenizer.vocab_size,
+                lat.batch_size,
+                lat.seq_len,
+                _threads(recipe),
+                lat.warmup,
+                lat.repeats,
+                seed=recipe.seed,
+            )
+        except Exception as exc:
+            timings = {}
+            for r in results:
+                if r.name in models:
+                    r.row.update(status="failed", error=f"latency: {type(exc).__name__}: {exc}")
+        for r in results:
+            if r.name in timings:
+                r.latency = timings[r.name]
+                r.row["latency_ms_median"] = r.latency.median_ms
+                r.row["latency_ms_iqr"] = r.latency.iqr_ms
+    return results
+
+
+def environment() -> dict[str, str]:
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "cpu_count": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+    }
+    for pkg in (
+        "compress",
+        "torch",
+        "bitsandbytes",
+        "torch-pruning",
+        "optuna",
+        "tokenizers",
+        "safetensors",
+        "pandas",
+        "matplotlib",
+    ):
+        try:
+            env[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            env[pkg] = "not installed"
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,63 @@
+"""Shared fixtures: a session-wide cache folder and one trained `tiny` baseline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.recipe import recipe_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough to train in seconds on 2 cores, large enough that its perplexity means something.
+TINY_RECIPE: dict = {
+    "name": "tiny",
+    "model": {"preset": "tiny"},
+    "data": {"corpus": "builtin", "vocab_size": 1024},
+    "train": {
+        "max_steps": 200,
+        "batch_size": 8,
+        "seq_len": 128,
+        "lr": 3e-3,
+        "warmup_steps": 20,
+        "eval_every": 100,
+        "eval_batches": 2,
+    },
+    "eval": {
+        "perplexity": {"split": "test", "seq_len": 128, "max_tokens": 8192},
+        "latency": {"batch_size": 4, "seq_len": 128, "warmup": 1, "repeats": 5},
+    },
+    "variants": [
+        {"name": "int8", "pipeline": [{"int8": {}}]},
+        {"name": "nf4", "pipeline": [{"nf4": {}}]},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the whole session, so the tiny baseline is trained once."""
+    root = tmp_path_factory.mktemp("cache")
+    os.environ["COMPRESS_CACHE_DIR"] = str(root)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _use_session_cache(cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(cache_root))
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_dict() -> dict:
+    return yaml.safe_load(yaml.safe_dump(TINY_RECIPE))  # a deep copy
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(cache_root: Path, tiny_recipe_dict: dict):
+    from compress.workbench import prepare
+
+    recipe = recipe_from_dict(tiny_recipe_dict, "tiny.yaml", "tiny")
+    return prepare(recipe, REPO, progress=False)
