@@ -128,19 +128,22 @@ def load_variant(path: Path | str) -> GPT:
         )
     cfg = GPTConfig.from_dict(manifest["config"])
     tensors = load_file(str(path / WEIGHTS))
-    with torch.device("meta"):
-        model = GPT(cfg)
+    # Built on the CPU, not on "meta": meta tensors pull in ~80 MB of torch modules on first
+    # use, which would count against the variant's measured load memory.
+    model = GPT(cfg, init_weights=False)
     # Quantized layers first: they take their tensors out of ``tensors``.
     for name, spec in manifest["quantized"].items():
         old = model.get_submodule(name)
         shell = _shell(spec, old.in_features, old.out_features, old.bias is not None)
         _fill(shell, spec, name + ".", tensors)
         set_module(model, name, shell)
-    # Pruned models have smaller layers than the config's defaults: take shapes from the file.
-    model.load_state_dict(tensors, strict=False, assign=True)
+    result = model.load_state_dict(tensors, strict=False, assign=True)
     model.lm_head.weight = model.tok_emb.weight  # re-tie (saved once)
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
-    leftover += [n for n, b in model.named_buffers() if b.is_meta]
-    if leftover:
-        raise CompressError(f"{path / WEIGHTS}: missing tensors {leftover[:5]}")
+    filled = tuple(name + "." for name in manifest["quantized"]) + ("lm_head.weight",)
+    missing = [k for k in result.missing_keys if not k.startswith(filled)]
+    if missing or result.unexpected_keys:
+        raise CompressError(
+            f"{path / WEIGHTS}: does not match its manifest: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
     return model.eval()

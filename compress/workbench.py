@@ -178,6 +178,7 @@ def measure_static(
         row["peak_rss_bytes"] = rss["peak_rss_bytes"]
         row["rss_after_load_bytes"] = rss["rss_after_load_bytes"]
         row["rss_after_import_bytes"] = rss["rss_after_import_bytes"]
+        row["model_rss_bytes"] = rss["peak_rss_bytes"] - rss["rss_after_import_bytes"]
     return VariantResult(name, row, reports, ppl, None, rss)
 
 

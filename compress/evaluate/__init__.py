@@ -36,10 +36,12 @@ DEFINITIONS: dict[str, str] = {
     ),
     "saved_bytes": "size on disk of the saved variant: model.safetensors plus its JSON manifest.",
     "peak_rss_bytes": (
-        "peak resident set size (getrusage ru_maxrss) of a fresh Python process that imports "
-        "torch and compress, loads the saved variant and runs one forward pass at the latency "
-        "batch shape. rss_after_import_bytes is that process's resident size before loading, so "
-        "peak minus it is what the model and its inference added."
+        "peak resident set size (VmHWM; ru_maxrss where there is no /proc) of a fresh Python "
+        "process that imports torch and compress, loads the saved variant and runs one forward "
+        "pass at the latency batch shape. rss_after_import_bytes is that process's resident "
+        "size after importing the libraries the variant needs (torch; bitsandbytes for "
+        "quantized variants) and before loading it, so peak minus it (model_rss_bytes) is what "
+        "the model and its inference added."
     ),
     "params": (
         "parameters the model represents, tied weights once, packed 4-bit weights at their "

@@ -3,7 +3,8 @@
 ``module_weight_bytes`` counts the bytes of every tensor in the model's state dict (quantized
 weights, their scales/absmax/quantization maps, biases, norms, embeddings), each shared tensor
 once. ``peak_rss`` runs an inference pass in a fresh child process that loads the saved variant,
-so the number is not polluted by training or by other variants held in this process.
+so the number is not polluted by training or by other variants held in this process (the child
+reads its own high-water mark, VmHWM, which unlike ru_maxrss does not inherit the parent's).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def peak_rss(
 
     Returns ``{"rss_after_import_bytes", "rss_after_load_bytes", "peak_rss_bytes"}``: the
     resident set after importing torch and compress, after loading the weights, and the peak
-    over the whole child process (getrusage ``ru_maxrss``), all in bytes.
+    over the whole child process, all in bytes.
     """
     cmd = [
         sys.executable,

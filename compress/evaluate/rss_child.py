@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from pathlib import Path
 
 
 def _rss_bytes() -> int:
@@ -17,6 +18,16 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
+    # On Linux read this process's own high-water mark (VmHWM). ru_maxrss is not usable there:
+    # it keeps the high-water mark of the parent's address space copied at fork, so the child
+    # would report the (larger) parent's size.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
@@ -25,9 +36,14 @@ def main(argv: list[str]) -> None:
     variant_dir, batch, seq_len, threads = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
     import torch
 
-    from compress.variant import load_variant
+    from compress.variant import MANIFEST, load_variant
 
     torch.set_num_threads(threads)
+    # Libraries the variant needs to run count as runtime, not as the model's memory.
+    if json.loads((Path(variant_dir) / MANIFEST).read_text()).get("quantized"):
+        from compress._bnb import import_bnb
+
+        import_bnb()
     after_import = _rss_bytes()
     model = load_variant(variant_dir)
     after_load = _rss_bytes()

@@ -101,7 +101,7 @@ class GPT(nn.Module):
     every model in compress (built-in or adapted) satisfies.
     """
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, init_weights: bool = True) -> None:
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -111,6 +111,11 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied
+        if init_weights:  # skipped when weights are loaded right after (e.g. on "meta")
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        cfg = self.config
         self.apply(self._init_weights)
         # GPT-2 style: scale the residual output projections by depth.
         for name, p in self.named_parameters():

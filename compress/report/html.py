@@ -116,6 +116,7 @@ _SUMMARY_HEADERS: tuple[str, ...] = (
     "quantized-layer ratio",
     "saved MB",
     "peak RSS MB",
+    "model RSS MB",
     "params",
     "sparsity",
 )
@@ -139,6 +140,7 @@ def _summary_cells(row: dict) -> list[str]:
         _num(row.get("quantized_layer_bytes_ratio"), ".3f"),
         _num(row.get("saved_bytes"), ".2f", _MB),
         _num(row.get("peak_rss_bytes"), ".1f", _MB),
+        _num(row.get("model_rss_bytes"), ".1f", _MB),
         "—" if params is None else f"{params:,.0f}",
         _num(row.get("sparsity"), ".3f"),
     ]

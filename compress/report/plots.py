@@ -22,6 +22,7 @@ _MEMORY_SERIES: tuple[tuple[str, str], ...] = (
     ("weight_bytes_ratio", "weight bytes"),
     ("saved_bytes_ratio", "saved checkpoint"),
     ("peak_rss_bytes_ratio", "peak RSS"),
+    ("model_rss_bytes_ratio", "model RSS (peak - runtime)"),
 )
 
 

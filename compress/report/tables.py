@@ -23,6 +23,7 @@ RATIO_METRICS: tuple[str, ...] = (
     "weight_bytes",
     "saved_bytes",
     "peak_rss_bytes",
+    "model_rss_bytes",
     "params",
 )
 """Metrics divided by the baseline's (row 0) value to give `<metric>_ratio`."""
@@ -39,6 +40,7 @@ _METRIC_ORDER: tuple[str, ...] = (
     "quantized_layer_bytes",
     "saved_bytes",
     "peak_rss_bytes",
+    "model_rss_bytes",
     "params",
 )
 

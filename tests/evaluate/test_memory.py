@@ -71,3 +71,13 @@ def test_peak_rss_reports_a_broken_variant(tmp_path) -> None:
     (tmp_path / "variant.json").write_text("{}")
     with pytest.raises(RuntimeError, match="child process failed"):
         peak_rss(tmp_path, 1, 8, 1)
+
+
+def test_peak_rss_is_not_polluted_by_a_large_parent(tmp_path) -> None:
+    save_variant(build_gpt("tiny", 256).eval(), tmp_path)
+    ballast = torch.ones(150_000_000)  # 600 MB held by this (parent) process
+    rss = peak_rss(tmp_path, batch_size=2, seq_len=32, threads=1)
+    del ballast
+    # The tiny model's own peak is far below the parent's size.
+    assert rss["peak_rss_bytes"] < 550e6, rss
+    assert rss["peak_rss_bytes"] - rss["rss_after_load_bytes"] < 100e6, rss
