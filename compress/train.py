@@ -38,7 +38,9 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for forward/backward (weights and optimizer stay fp32)
     eval_every: int = 100
     eval_batches: int = 8
-    early_stop_patience: int | None = None  # evaluations without improvement before stopping
+    # Evaluations without improvement before stopping; when set, the best weights seen at a
+    # validation point are restored at the end.
+    early_stop_patience: int | None = None
     seed: int = 0
 
 
@@ -50,6 +52,7 @@ class TrainReport:
     final_train_loss: float
     best_val_loss: float | None
     stopped_by: str  # "max_steps", "max_minutes" or "early_stop"
+    best_step: int  # step of the best validation loss (the weights kept when early stopping)
     history: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -122,8 +125,16 @@ def train(
     loss_fn: LossFn = lm_loss,
     desc: str = "train",
     progress: bool = True,
+    val_loss_fn: LossFn | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> TrainReport:
-    """Train ``model`` in place on random windows of ``train_ids`` and return what happened."""
+    """Train ``model`` in place on random windows of ``train_ids`` and return what happened.
+
+    ``loss_fn`` is what is minimised; ``val_loss_fn`` (default: the same) is what validation and
+    early stopping watch, e.g. plain cross-entropy while distilling. ``on_step`` runs after every
+    optimizer step, e.g. to keep pruned weights at zero.
+    """
+    val_loss_fn = val_loss_fn or loss_fn
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -132,6 +143,8 @@ def train(
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
     history: list[dict] = []
     best_val: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_step = 0
     bad_evals = 0
     stopped_by = "max_steps"
     loss_value = float("nan")
@@ -153,6 +166,8 @@ def train(
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if on_step is not None:
+                on_step()
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"{desc}: loss became {loss_value} at step {step}")
@@ -160,11 +175,13 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
             if val_ids is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                val = estimate_loss(model, val_ids, cfg, loss_fn)
+                val = estimate_loss(model, val_ids, cfg, val_loss_fn)
                 history.append({"step": step, "train_loss": loss_value, "val_loss": val})
                 log.info("%s step %d: train %.4f val %.4f", desc, step, loss_value, val)
                 if best_val is None or val < best_val:
-                    best_val, bad_evals = val, 0
+                    best_val, best_step, bad_evals = val, step, 0
+                    if cfg.early_stop_patience is not None:
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
                     bad_evals += 1
                     if cfg.early_stop_patience is not None and bad_evals >= cfg.early_stop_patience:
@@ -172,6 +189,9 @@ def train(
                         break
     finally:
         bar.close()
+    if best_state is not None and best_step != step:
+        model.load_state_dict(best_state)
+        log.info("%s: restored the best weights (step %d, val %.4f)", desc, best_step, best_val)
     model.eval()
     seconds = time.perf_counter() - start
     return TrainReport(
@@ -181,5 +201,6 @@ def train(
         final_train_loss=loss_value,
         best_val_loss=best_val,
         stopped_by=stopped_by,
+        best_step=best_step,
         history=history,
     )
