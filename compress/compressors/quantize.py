@@ -81,7 +81,20 @@ def make_4bit_linear(
     )
     if lin.bias is not None:
         q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    honor_compute_dtype(q)
     return q.to("cpu").train(lin.training)
+
+
+def honor_compute_dtype(q: nn.Module) -> None:
+    """Keep bitsandbytes' AVX512-BF16 CPU path for ``compute_dtype: bfloat16`` only.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` in eval mode repacks its weights and multiplies in
+    bf16 whatever ``compute_dtype`` says, and every ``state_dict()`` unpacks them again with a
+    slightly different quantization offset, so outputs drift after a save. Measured here it was
+    not faster than the plain kernel, which computes in the requested dtype exactly.
+    """
+    if hasattr(q, "support_avx512bf16_for_cpu") and q.compute_dtype != torch.bfloat16:
+        q.support_avx512bf16_for_cpu = False
 
 
 def _convert(
