@@ -114,7 +114,12 @@ class EvalSpec(Strict):
 
 
 class VariantSpec(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    # The model this variant starts from: the baseline or a variant listed earlier, so that
+    # prune -> distill -> quantize can report every intermediate step as its own row.
+    start: str = Field("baseline", alias="from")
     pipeline: list[dict[str, Any]] = Field(min_length=1)
 
 
@@ -180,7 +185,7 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
-        field = current.model_fields.get(part)
+        field = next((f for n, f in current.model_fields.items() if part in (n, f.alias)), None)
         if field is None:
             return None
         current = _unwrap(field.annotation)
@@ -202,7 +207,11 @@ def _first_error(exc: ValidationError, cls: type[BaseModel], prefix: tuple = ())
     loc = prefix + tuple(p for p in err["loc"] if p not in ("function-after",))
     if err["type"] == "extra_forbidden":
         parent = _model_at(cls, tuple(err["loc"][:-1]))
-        allowed = ", ".join(parent.model_fields) if parent else "see the documentation"
+        allowed = (
+            ", ".join(f.alias or n for n, f in parent.model_fields.items())
+            if parent
+            else "see the documentation"
+        )
         return _key_path(loc), f"unknown key; allowed keys: {allowed}"
     if err["type"] == "missing":
         return _key_path(loc), "required key is missing"
@@ -248,8 +257,24 @@ def recipe_from_dict(data: Any, file: str = "<recipe>", default_name: str = "rec
         key, msg = _first_error(exc, Recipe)
         raise RecipeError(file, key, msg) from None
     for i, variant in enumerate(recipe.variants):
+        earlier = ["baseline", *(v.name for v in recipe.variants[:i])]
+        if variant.start not in earlier:
+            raise RecipeError(
+                file,
+                f"variants[{i}].from",
+                f"{variant.start!r} is not the baseline or an earlier variant "
+                f"({', '.join(earlier)})",
+            )
         for j, item in enumerate(variant.pipeline):
-            parse_stage(item, f"variants[{i}].pipeline[{j}]", file)
+            where = f"variants[{i}].pipeline[{j}]"
+            stage = parse_stage(item, where, file)
+            teacher = getattr(stage.config, "teacher", None)
+            if teacher is not None and teacher not in earlier:
+                raise RecipeError(
+                    file,
+                    f"{where}.{stage.name}.teacher",
+                    f"{teacher!r} is not the baseline or an earlier variant ({', '.join(earlier)})",
+                )
     return recipe
 
 

@@ -1,7 +1,8 @@
 """Saving and loading a (possibly compressed) model: safetensors weights plus a JSON manifest.
 
 A saved variant is a folder with ``model.safetensors`` (every tensor of the state dict, tied
-weights once; quantized layers as their packed codes and scales) and ``variant.json`` (the model
+weights once; quantized layers as their packed codes and scales; torch's dynamically quantized
+layers as plain int8 codes, scales, zero points and bias) and ``variant.json`` (the model
 config and, for each converted module, how it was quantized). Loading rebuilds the architecture
 from the config, swaps in empty quantized shells and fills them from the file: nothing is
 unpickled and no code is executed.
@@ -16,9 +17,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from compress.compressors.quantize import DTYPES
+from compress.compressors.dynamic_int8 import KIND as DYNAMIC_INT8
+from compress.compressors.dynamic_int8 import linear_from_tensors
+from compress.compressors.quantize import DTYPES, honor_compute_dtype
 from compress.compressors.targets import set_module
 from compress.errors import CompressError
+from compress.evaluate.memory import is_packed_linear, packed_linear_tensors, stored_tensors
 from compress.models.gpt import GPT, GPTConfig
 
 FORMAT_VERSION = 1
@@ -27,11 +31,16 @@ MANIFEST = "variant.json"
 
 
 def quantized_modules(model: nn.Module) -> dict[str, dict]:
-    """Manifest entries for the bitsandbytes layers in ``model``."""
+    """Manifest entries for the quantized (bitsandbytes, torch dynamic int8) layers in ``model``."""
     out: dict[str, dict] = {}
     for name, m in model.named_modules():
         kind = type(m).__name__
-        if kind == "Linear8bitLt":
+        if is_packed_linear(m):
+            tensors = packed_linear_tensors(m)
+            if tensors["weight"].dtype != torch.int8:
+                raise CompressError(f"{name}: only int8 dynamic quantization can be saved")
+            out[name] = {"kind": DYNAMIC_INT8, "per_channel": tensors["weight_scale"].dim() == 1}
+        elif kind == "Linear8bitLt":
             out[name] = {"kind": "int8", "threshold": float(m.state.threshold)}
         elif kind == "Linear4bit":
             qs = m.weight.quant_state
@@ -48,7 +57,7 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with each shared tensor under its first name only (safetensors needs that)."""
     seen: set[tuple[int, int]] = set()
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    for name, t in stored_tensors(model).items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         if t.numel() and key in seen:
             continue
@@ -85,7 +94,7 @@ def _shell(spec: dict, in_features: int, out_features: int, bias: bool) -> nn.Mo
             threshold=spec["threshold"],
             device="meta",
         )
-    return bnb.nn.Linear4bit(
+    shell = bnb.nn.Linear4bit(
         in_features,
         out_features,
         bias=bias,
@@ -94,6 +103,8 @@ def _shell(spec: dict, in_features: int, out_features: int, bias: bool) -> nn.Mo
         quant_type=spec["kind"],
         device="meta",
     )
+    honor_compute_dtype(shell)  # the same CPU kernel as the layer that was saved
+    return shell
 
 
 def _fill(module: nn.Module, spec: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -131,14 +142,24 @@ def load_variant(path: Path | str) -> GPT:
     # Built on the CPU, not on "meta": meta tensors pull in ~80 MB of torch modules on first
     # use, which would count against the variant's measured load memory.
     model = GPT(cfg, init_weights=False)
-    # Quantized layers first: they take their tensors out of ``tensors``.
+    # Quantized layers first: they take their tensors out of ``tensors``. torch's dynamic int8
+    # layers go in after ``load_state_dict``, which cannot fill them without their packed form.
+    dynamic: dict[str, nn.Module] = {}
     for name, spec in manifest["quantized"].items():
+        if spec["kind"] == DYNAMIC_INT8:
+            prefix = name + "."
+            own = {k[len(prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+            dynamic[name] = linear_from_tensors(**own)
+            continue
         old = model.get_submodule(name)
         shell = _shell(spec, old.in_features, old.out_features, old.bias is not None)
         _fill(shell, spec, name + ".", tensors)
         set_module(model, name, shell)
     result = model.load_state_dict(tensors, strict=False, assign=True)
-    model.lm_head.weight = model.tok_emb.weight  # re-tie (saved once)
+    for name, layer in dynamic.items():
+        set_module(model, name, layer)
+    if "lm_head" not in manifest["quantized"]:
+        model.lm_head.weight = model.tok_emb.weight  # re-tie (saved once)
     filled = tuple(name + "." for name in manifest["quantized"]) + ("lm_head.weight",)
     missing = [k for k in result.missing_keys if not k.startswith(filled)]
     if missing or result.unexpected_keys:

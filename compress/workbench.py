@@ -36,6 +36,7 @@ from compress.data import (
     train_tokenizer,
     unigram_perplexity,
 )
+from compress.errors import CompressError
 from compress.evaluate.latency import LatencyResult, quartiles
 from compress.evaluate.memory import (
     count_zeros,
@@ -115,10 +116,15 @@ def _eval_ids(recipe: Recipe, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
     return ids[: spec.max_tokens] if spec.max_tokens else ids
 
 
-def build_variant(ws: Workspace, variant: VariantSpec) -> tuple[nn.Module, list[StageReport]]:
-    """A deep copy of the baseline taken through the variant's stages, in recipe order."""
-    model = copy.deepcopy(ws.baseline).eval()
-    ctx = StageContext(seed=ws.recipe.seed, tokens=ws.tokens, baseline=ws.baseline)
+def build_variant(
+    ws: Workspace, variant: VariantSpec, models: dict[str, nn.Module], progress: bool = False
+) -> tuple[nn.Module, list[StageReport]]:
+    """A deep copy of the variant's starting model (``from``: the baseline or an earlier
+    variant, found in ``models``) taken through the variant's stages, in recipe order."""
+    if variant.start not in models:
+        raise CompressError(f"starts from {variant.start!r}, which failed")
+    model = copy.deepcopy(models[variant.start]).eval()
+    ctx = StageContext(seed=ws.recipe.seed, tokens=ws.tokens, models=models, progress=progress)
     reports = []
     for stage in variant_stages(variant):
         torch.manual_seed(ws.recipe.seed)
@@ -135,19 +141,27 @@ def build_variant(ws: Workspace, variant: VariantSpec) -> tuple[nn.Module, list[
 
 
 def measure_static(
-    ws: Workspace, name: str, model: nn.Module, reports: list[StageReport], variant_dir: Path
+    ws: Workspace,
+    name: str,
+    model: nn.Module,
+    reports: list[StageReport],
+    variant_dir: Path,
+    chain: list[StageReport] | None = None,
 ) -> VariantResult:
-    """Everything but latency: perplexity, weight bytes, saved size, peak RSS in a child."""
+    """Everything but latency: perplexity, weight bytes, saved size, peak RSS in a child.
+
+    ``reports`` are the variant's own stages; ``chain`` all stages from the baseline on
+    (including those of the variants it starts from), which the row describes.
+    """
     recipe = ws.recipe
-    quant = [r for r in reports if "bits_per_weight" in r.extra]
+    chain = reports if chain is None else chain
+    quant = [r for r in chain if "bits_per_weight" in r.extra]
     zeros, total = count_zeros(model)
     row: dict = {
         "variant": name,
         "status": "ok",
         "error": None,
-        "stages": " -> ".join(
-            f"{r.stage}({d})" if (d := _describe(r)) else r.stage for r in reports
-        ),
+        "stages": " -> ".join(f"{r.stage}({d})" if (d := _describe(r)) else r.stage for r in chain),
         "params": param_count(model),
         "weight_bytes": module_weight_bytes(model),
         "quantized_layer_bytes": sum(r.touched_bytes_after for r in quant),
@@ -250,19 +264,25 @@ def failed(name: str, exc: BaseException) -> VariantResult:
     )
 
 
-def run_variants(ws: Workspace, out_dir: Path) -> list[VariantResult]:
+def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[VariantResult]:
     """Build and measure the baseline and every variant; failures are isolated per variant."""
     recipe = ws.recipe
     results: list[VariantResult] = []
     models: dict[str, nn.Module] = {}
     specs: list[tuple[str, VariantSpec | None]] = [(BASELINE, None)]
     specs += [(v.name, v) for v in recipe.variants]
+    chains: dict[str, list[StageReport]] = {}
     for name, spec in specs:
         log.info("variant %s: building and measuring", name)
         try:
-            model, reports = (ws.baseline, []) if spec is None else build_variant(ws, spec)
-            res = measure_static(ws, name, model, reports, out_dir / "variants" / name)
+            if spec is None:
+                model, reports, chain = ws.baseline, [], []
+            else:
+                model, reports = build_variant(ws, spec, models, progress)
+                chain = chains[spec.start] + reports
+            res = measure_static(ws, name, model, reports, out_dir / "variants" / name, chain)
             models[name] = model
+            chains[name] = chain
         except Exception as exc:  # one variant's failure never loses the others
             res = failed(name, exc)
         results.append(res)

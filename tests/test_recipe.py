@@ -40,7 +40,8 @@ def _err(data) -> str:
         ({"data": {"corpus": "files"}}, "data: corpus 'files' needs a non-empty 'files'"),
         (
             {"variants": [{"name": "a", "pipeline": [{"int9": {}}]}]},
-            "variants[0].pipeline[0]: unknown compressor 'int9'; allowed: fp4, int8, nf4",
+            "variants[0].pipeline[0]: unknown compressor 'int9'; allowed: distill, dynamic-int8, "
+            "fp4, int8, nf4, prune, structured",
         ),
         (
             {"variants": [{"name": "a", "pipeline": [{"int8": {"threshold": -1}}]}]},
@@ -73,6 +74,31 @@ def _err(data) -> str:
         ),
         ({"variants": [{"pipeline": [{"int8": {}}]}]}, "variants[0].name: required key is missing"),
         ([1, 2], "recipes/x.yaml: the top level must be a mapping, got list"),
+        (
+            {
+                "variants": [
+                    {"name": "a", "from": "b", "pipeline": [{"int8": {}}]},
+                    {"name": "b", "pipeline": [{"int8": {}}]},
+                ]
+            },
+            "recipes/x.yaml: variants[0].from: 'b' is not the baseline or an earlier variant",
+        ),
+        (
+            {"variants": [{"name": "a", "pipeline": [{"distill": {"teacher": "a"}}]}]},
+            "variants[0].pipeline[0].distill.teacher: 'a' is not the baseline or an earlier",
+        ),
+        (
+            {"variants": [{"name": "a", "pipeline": [{"distill": {"student": {"layers": 2}}}]}]},
+            "variants[0].pipeline[0].distill.student: student must be 'current' or a mapping",
+        ),
+        (
+            {"variants": [{"name": "a", "pipeline": [{"prune": {"sparsity": 1.0}}]}]},
+            "variants[0].pipeline[0].prune.sparsity: Input should be less than 1, got 1.0",
+        ),
+        (
+            {"variants": [{"name": "a", "form": "b", "pipeline": [{"int8": {}}]}]},
+            "variants[0].form: unknown key; allowed keys: name, from, pipeline",
+        ),
     ],
 )
 def test_bad_recipes_name_file_key_and_allowed_values(data, expected) -> None:
@@ -84,6 +110,21 @@ def test_defaults_and_stage_parsing() -> None:
     assert r.name == "dflt" and r.model.preset == "small" and r.data.corpus == "builtin"
     (stage,) = variant_stages(r.variants[0])
     assert stage.name == "int8" and stage.config.threshold == 6.0
+
+
+def test_variants_can_start_from_earlier_variants() -> None:
+    r = recipe_from_dict(
+        {
+            "variants": [
+                {"name": "p", "pipeline": [{"prune": {"sparsity": 0.5}}]},
+                {"name": "r", "from": "p", "pipeline": [{"distill": {"teacher": "baseline"}}]},
+                {"name": "q", "from": "r", "pipeline": [{"int8": {}}]},
+            ]
+        },
+        "f",
+        "chain",
+    )
+    assert [v.start for v in r.variants] == ["baseline", "p", "r"]
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:

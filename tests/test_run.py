@@ -174,3 +174,32 @@ def test_cli_bad_data_path_exits_2(tmp_path, tiny_recipe_dict) -> None:
     proc = _cli("files.yaml", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "nowhere/*.txt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pipeline_composes_and_reports_every_step(first_run, tmp_path) -> None:
+    """prune -> distill (recover) -> int8, each step a row that starts from the previous one."""
+    _, _, recipe = first_run
+    data = yaml.safe_load(recipe.read_text())
+    fast = {"max_steps": 30, "eval_every": 15, "eval_batches": 1, "seq_len": 64, "lr": 1e-3}
+    data["variants"] = [
+        {"name": "pruned", "pipeline": [{"prune": {"sparsity": 0.5}}]},
+        {"name": "recovered", "from": "pruned", "pipeline": [{"distill": fast}]},
+        {"name": "recovered-int8", "from": "recovered", "pipeline": [{"int8": {}}]},
+    ]
+    out = tmp_path / "r"
+    code = run_mod.main([str(_write(tmp_path, data)), "--report-dir", str(out), "--no-progress"])
+    assert code == 0
+    df = pd.read_csv(out / "results.csv").set_index("variant")
+    assert list(df.index) == ["baseline", "pruned", "recovered", "recovered-int8"]
+    # The row describes the whole chain from the baseline, non-default settings in brackets.
+    stages = df.loc["recovered-int8", "stages"]
+    assert stages.startswith("prune -> distill(max_steps=30, seq_len=64,")
+    assert stages.endswith(" -> int8")
+    # Pruned zeros survive recovery (masked) and int8 quantization (zero codes).
+    assert df.loc["pruned", "sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert df.loc["recovered", "sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert df.loc["recovered-int8", "sparsity"] >= 0.5
+    # Recovery helps, and int8 of the recovered model costs < 1% on top of it.
+    assert df.loc["recovered", "perplexity"] < df.loc["pruned", "perplexity"]
+    ratio = df.loc["recovered-int8", "perplexity"] / df.loc["recovered", "perplexity"]
+    assert abs(ratio - 1) < 0.01

@@ -5,7 +5,13 @@ Importing this package registers the built-in compressors.
 
 from __future__ import annotations
 
-from compress.compressors import quantize  # noqa: F401  (registers int8, nf4, fp4)
+from compress.compressors import (
+    distill,  # noqa: F401  (registers distill)
+    dynamic_int8,  # noqa: F401  (registers dynamic-int8)
+    prune,  # noqa: F401  (registers prune)
+    quantize,  # noqa: F401  (registers int8, nf4, fp4)
+    structured,  # noqa: F401  (registers structured)
+)
 from compress.compressors.base import (
     REGISTRY,
     Compressor,

@@ -37,13 +37,15 @@ class StageConfig(BaseModel):
 class StageContext:
     """Runtime inputs a stage may need; never written back onto configs.
 
-    ``tokens`` maps split names to 1-D token tensors; ``baseline`` is the uncompressed model
-    (a teacher for distillation); ``seed`` makes stochastic stages reproducible.
+    ``tokens`` maps split names to 1-D token tensors; ``models`` holds the models built so far in
+    this run by variant name ("baseline" first), e.g. teachers for distillation; ``seed`` makes
+    stochastic stages reproducible; ``progress`` shows progress bars for long stages.
     """
 
     seed: int = 0
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
-    baseline: nn.Module | None = None
+    models: dict[str, nn.Module] = field(default_factory=dict)
+    progress: bool = False
 
 
 @dataclass

@@ -47,6 +47,9 @@ DEFINITIONS: dict[str, str] = {
         "parameters the model represents, tied weights once, packed 4-bit weights at their "
         "logical (unpacked) count."
     ),
-    "sparsity": "fraction of exactly-zero entries in the floating-point weight matrices.",
+    "sparsity": (
+        "fraction of exactly-zero entries in the weight matrices of the linear layers (float "
+        "weights or int8 codes; embeddings, the tied LM head and packed 4-bit codes excluded)."
+    ),
     "ratios (*_ratio)": "the metric divided by the baseline's value of the same run.",
 }

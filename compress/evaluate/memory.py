@@ -2,9 +2,12 @@
 
 ``module_weight_bytes`` counts the bytes of every tensor in the model's state dict (quantized
 weights, their scales/absmax/quantization maps, biases, norms, embeddings), each shared tensor
-once. ``peak_rss`` runs an inference pass in a fresh child process that loads the saved variant,
-so the number is not polluted by training or by other variants held in this process (the child
-reads its own high-water mark, VmHWM, which unlike ru_maxrss does not inherit the parent's).
+once. torch's dynamically quantized Linear keeps its weights in an opaque packed object; it is
+counted as the plain tensors it unpacks to (``packed_linear_tensors``), exactly what a saved
+variant stores. ``peak_rss`` runs an inference pass in a fresh child process that loads the
+saved variant, so the number is not polluted by training or by other variants held in this
+process (the child reads its own high-water mark, VmHWM, which unlike ru_maxrss does not
+inherit the parent's).
 """
 
 from __future__ import annotations
@@ -35,9 +38,67 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return total
 
 
+def is_packed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a torch dynamically quantized Linear (weights in packed params).
+
+    Statically quantized layers are not: their output scale and zero point matter, and their
+    state dict raises in ``stored_tensors`` rather than being counted wrong.
+    """
+    packed = getattr(module, "_packed_params", None)
+    return isinstance(getattr(packed, "_packed_params", None), torch.ScriptObject) and any(
+        c.__module__.startswith("torch.ao.nn.quantized.dynamic") for c in type(module).__mro__
+    )
+
+
+def packed_linear_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of a packed (dynamically quantized) Linear as plain tensors.
+
+    int8: ``weight`` (int8 codes, (out, in)), ``weight_scale`` (fp32) and ``weight_zero_point``
+    (int32), of shape (out,) per output channel or () per tensor: the dtypes fbgemm keeps them
+    in; then ``bias`` (fp32, (out,)) if any. float16 packing: ``weight`` as fp16 and ``bias``.
+    """
+    weight, bias = module._packed_params._weight_bias()
+    if weight.is_quantized:
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            if weight.q_per_channel_axis() != 0:
+                raise ValueError(f"per-channel axis {weight.q_per_channel_axis()}, expected 0")
+            scale = weight.q_per_channel_scales().to(torch.float32)
+            zero_point = weight.q_per_channel_zero_points().to(torch.int32)
+        else:
+            scale = torch.tensor(weight.q_scale(), dtype=torch.float32)
+            zero_point = torch.tensor(weight.q_zero_point(), dtype=torch.int32)
+        out = {"weight": weight.int_repr(), "weight_scale": scale, "weight_zero_point": zero_point}
+    else:
+        out = {"weight": weight.detach().to(torch.float16)}
+    if bias is not None:
+        out["bias"] = bias.detach()
+    return out
+
+
+def stored_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's weights as plain tensors: its state dict, with each packed Linear replaced
+    by ``packed_linear_tensors`` (under the same prefix). What is counted and what is saved."""
+    packed = {name: m for name, m in module.named_modules() if is_packed_linear(m)}
+    prefixes = {name: f"{name}." if name else "" for name in packed}
+    out: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+    for key, value in module.state_dict().items():
+        owner = next((n for n, p in prefixes.items() if key.startswith(p)), None)
+        if owner is not None:
+            if owner not in done:
+                done.add(owner)
+                tensors = packed_linear_tensors(packed[owner])
+                out.update({prefixes[owner] + k: t for k, t in tensors.items()})
+        elif isinstance(value, torch.Tensor):
+            out[key] = value
+        else:
+            raise TypeError(f"cannot count the bytes of {key!r}: a {type(value).__name__}")
+    return out
+
+
 def module_weight_bytes(module: nn.Module) -> int:
     """Exact bytes of a module's weights as stored (its state dict, shared tensors once)."""
-    return tensor_bytes(module.state_dict())
+    return tensor_bytes(stored_tensors(module))
 
 
 def logical_numel(p: torch.Tensor) -> int:
@@ -49,26 +110,39 @@ def logical_numel(p: torch.Tensor) -> int:
 
 
 def param_count(model: nn.Module) -> int:
-    """Parameters the model represents, tied ones once, packed ones at their logical size."""
+    """Parameters the model represents, tied ones once, packed ones at their logical size
+    (a dynamically quantized Linear holds no ``nn.Parameter``: its weight and bias count)."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += logical_numel(p)
+    for m in model.modules():
+        if is_packed_linear(m):
+            tensors = packed_linear_tensors(m)
+            total += sum(tensors[k].numel() for k in ("weight", "bias") if k in tensors)
     return total
 
 
 def count_zeros(model: nn.Module) -> tuple[int, int]:
-    """(zero-valued, total) entries over the floating-point weight matrices (dim >= 2)."""
+    """(zero-valued, total) entries of the linear layers' weight matrices.
+
+    Float weights and int8 codes (a pruned zero stays a zero code) are counted; embeddings and
+    weights tied to them are not, nor packed 4-bit codes, which hold two weights per byte.
+    """
+    skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     zeros = total = 0
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) in seen or p.dim() < 2 or not p.is_floating_point():
+    for m in model.modules():
+        packed = is_packed_linear(m)  # its int8 codes hold the zeros
+        w = packed_linear_tensors(m)["weight"] if packed else getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or id(w) in skip or w.dim() != 2:
             continue
-        seen.add(id(p))
-        zeros += int((p == 0).sum())
-        total += p.numel()
+        if not (w.is_floating_point() or w.dtype == torch.int8) or isinstance(m, nn.LayerNorm):
+            continue
+        skip.add(id(w))
+        zeros += int((w == 0).sum())
+        total += w.numel()
     return zeros, total
 
 

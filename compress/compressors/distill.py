@@ -1,0 +1,187 @@
+"""Teacher-student distillation, for recovering a compressed model or training a smaller one.
+
+The loss is ``alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T)``
+over next-token distributions softened by temperature ``T`` (Hinton et al., 2015), per token.
+Training is the project's one loop (:func:`compress.train.train`): AdamW, warm-up + cosine,
+gradient clipping, optional bf16 autocast, a budget in steps and/or minutes, early stopping on
+validation cross-entropy (best weights restored), progress bar.
+
+``student: current`` recovers the model coming out of the previous stages (e.g. after pruning);
+weights that are exactly zero stay zero (``keep_sparsity``), so the recovered model keeps its
+sparsity. ``student: {n_layer: 2, ...}`` trains a new, smaller built-in GPT (the teacher's
+config with these fields replaced), initialised from the seed. The teacher is the baseline or
+any variant built earlier in the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+
+from compress.compressors.base import StageConfig, StageContext, StageReport, register
+from compress.errors import CompressError
+from compress.models.gpt import GPT, GPTConfig
+from compress.train import TrainConfig, estimate_loss, lm_loss, train
+
+STUDENT_FIELDS = ("n_layer", "n_head", "n_embd", "head_dim", "mlp_hidden")
+
+
+class DistillConfig(StageConfig):
+    teacher: str = "baseline"
+    student: Literal["current"] | dict[str, int] = "current"
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the label cross-entropy")
+    temperature: float = Field(2.0, gt=0.0)
+    keep_sparsity: bool = True
+    max_steps: int = Field(200, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(128, ge=8)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    bf16: bool = False
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(4, ge=1)
+    early_stop_patience: int | None = Field(3, ge=1)
+
+    @field_validator("student")
+    @classmethod
+    def _student_fields(cls, v: str | dict[str, int]) -> str | dict[str, int]:
+        if isinstance(v, dict):
+            bad = sorted(set(v) - set(STUDENT_FIELDS))
+            if bad or not v:
+                raise ValueError(
+                    f"student must be 'current' or a mapping of {', '.join(STUDENT_FIELDS)}; "
+                    f"got keys {bad or '(none)'}"
+                )
+            if any(not isinstance(x, int) or x < 1 for x in v.values()):
+                raise ValueError("student sizes must be positive integers")
+        return v
+
+    def train_config(self, seed: int) -> TrainConfig:
+        fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"}
+        return TrainConfig(**{k: v for k, v in self.model_dump().items() if k in fields}, seed=seed)
+
+
+def kd_loss(teacher: nn.Module, alpha: float, temperature: float):
+    """The distillation loss as a ``loss_fn`` for :func:`compress.train.train`."""
+
+    def loss(student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = student(x)  # (B, T, V)
+        vocab = logits.size(-1)
+        total = logits.new_zeros(())
+        if alpha > 0:
+            total = total + alpha * F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
+        if alpha < 1:
+            with torch.no_grad():
+                t_logits = teacher(x).float()
+            s_logp = F.log_softmax(logits.float().reshape(-1, vocab) / temperature, dim=-1)
+            t_logp = F.log_softmax(t_logits.reshape(-1, vocab) / temperature, dim=-1)
+            kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")  # per token
+            total = total + (1 - alpha) * temperature**2 * kl
+        return total
+
+    return loss
+
+
+def _student(model: nn.Module, cfg: DistillConfig, seed: int) -> nn.Module:
+    if cfg.student == "current":
+        return model
+    if not isinstance(model, GPT):
+        raise CompressError("distill: a new student can only be built from a built-in GPT")
+    base: GPTConfig = model.config
+    overrides = dict(cfg.student)
+    if "n_embd" in overrides and "head_dim" not in overrides:
+        overrides["head_dim"] = overrides["n_embd"] // overrides.get("n_head", base.n_head)
+    if "n_embd" in overrides and "mlp_hidden" not in overrides:
+        overrides["mlp_hidden"] = 4 * overrides["n_embd"]
+    torch.manual_seed(seed)
+    return GPT(dataclasses.replace(base, **overrides))
+
+
+def _trainable(model: nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    frozen = [n for n, m in model.named_modules() if type(m).__name__.startswith("Linear8bit")]
+    frozen += [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    if frozen:
+        raise CompressError(
+            f"distill: the model has quantized layers ({frozen[0]}, ...) that cannot be trained; "
+            "put distill before quantization in the pipeline"
+        )
+    return params
+
+
+@register("distill", DistillConfig)
+def apply_distill(
+    model: nn.Module, cfg: DistillConfig, ctx: StageContext
+) -> tuple[nn.Module, StageReport]:
+    """Teacher-student distillation: recover the current model or train a smaller student."""
+    if cfg.teacher not in ctx.models:
+        known = ", ".join(ctx.models) or "(none)"
+        raise CompressError(
+            f"distill.teacher: unknown model {cfg.teacher!r}; built so far: {known}"
+        )
+    for split in ("train", "valid"):
+        if split not in ctx.tokens:
+            raise CompressError(f"distill: needs the {split!r} token split")
+    teacher = ctx.models[cfg.teacher].eval()
+    student = _student(model, cfg, ctx.seed)
+    params = _trainable(student)
+    masks = []
+    if cfg.keep_sparsity and cfg.student == "current":
+        masks = [(p, p != 0) for p in params if p.dim() >= 2 and bool((p == 0).any())]
+
+    def reapply_masks() -> None:
+        with torch.no_grad():
+            for p, mask in masks:
+                p.mul_(mask)
+
+    requires_grad = {id(p): p.requires_grad for p in params}
+    for p in params:
+        p.requires_grad_(True)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    train_cfg = cfg.train_config(ctx.seed)
+    before = estimate_loss(student, ctx.tokens["valid"], train_cfg, lm_loss)
+    result = train(
+        student,
+        ctx.tokens["train"],
+        train_cfg,
+        val_ids=ctx.tokens["valid"],
+        loss_fn=kd_loss(teacher, cfg.alpha, cfg.temperature),
+        val_loss_fn=lm_loss,
+        desc="distill",
+        progress=ctx.progress,
+        on_step=reapply_masks if masks else None,
+    )
+    for p in params:
+        p.requires_grad_(requires_grad[id(p)])
+    student.eval()
+    report = StageReport(stage="distill", config=cfg.model_dump())
+    report.touched = [
+        {
+            "module": "(whole model)",
+            "from": "student" if cfg.student != "current" else "current",
+            "to": "distilled",
+            "teacher": cfg.teacher,
+        }
+    ]
+    report.extra.update(
+        teacher=cfg.teacher,
+        student="current" if cfg.student == "current" else dict(cfg.student),
+        val_loss_before=before,
+        val_loss_after=estimate_loss(student, ctx.tokens["valid"], train_cfg, lm_loss),
+        steps=result.steps,
+        stopped_by=result.stopped_by,
+        best_step=result.best_step,
+        train_seconds=result.seconds,
+        masked_tensors=len(masks),
+    )
+    return student, report
