@@ -21,6 +21,7 @@ from compress.errors import CompressError
 from compress.evaluate import DEFINITIONS
 from compress.recipe import Recipe, load_recipe
 from compress.report import add_ratios, dashboard_command, html_table, write_report
+from compress.runtime import tune_allocator
 from compress.workbench import VariantResult, Workspace, environment, prepare, run_variants
 
 log = logging.getLogger("compress")
@@ -34,6 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("recipe", type=Path, help="recipe YAML, e.g. recipes/int8.yaml")
     p.add_argument("--report-dir", type=Path, help="write the report here (default reports/<name>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="keep glibc's default malloc thresholds (see compress.runtime.tune_allocator)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
     return p.parse_args(argv)
 
@@ -195,7 +201,13 @@ def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
     }
 
 
-def run(recipe: Recipe, recipe_path: Path, report_dir: Path | None, progress: bool) -> int:
+def run(
+    recipe: Recipe,
+    recipe_path: Path,
+    report_dir: Path | None,
+    progress: bool,
+    allocator: str = "system default",
+) -> int:
     start = time.perf_counter()
     out_dir = report_dir or Path("reports") / recipe.name
     if recipe.report.dir and not report_dir:
@@ -210,7 +222,7 @@ def run(recipe: Recipe, recipe_path: Path, report_dir: Path | None, progress: bo
         f"baseline '{recipe.model.preset}': {how} ({info.path}); setup {ws.setup_seconds:.1f} s",
         flush=True,
     )
-    results = run_variants(ws, out_dir)
+    results = run_variants(ws, out_dir, progress=progress)
     rows = [r.row for r in results]
     recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     seconds = time.perf_counter() - start
@@ -221,7 +233,7 @@ def run(recipe: Recipe, recipe_path: Path, report_dir: Path | None, progress: bo
         recipe_text=recipe_text,
         meta=_meta(ws, results, seconds),
         definitions=DEFINITIONS,
-        environment=environment(),
+        environment={**environment(), "allocator": allocator},
         sections=_sections(ws, results, add_ratios(rows)),
     )
     rows = add_ratios(rows)
@@ -251,9 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    allocator = "system default" if args.default_allocator else tune_allocator()
     try:
         recipe = load_recipe(args.recipe)
-        return run(recipe, args.recipe, args.report_dir, progress=not args.no_progress)
+        return run(
+            recipe, args.recipe, args.report_dir, progress=not args.no_progress, allocator=allocator
+        )
     except CompressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
