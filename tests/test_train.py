@@ -99,3 +99,48 @@ def test_bf16_autocast_trains() -> None:
     report = train(build_gpt("tiny", 32), ids, cfg, val_ids=ids, progress=False)
     assert math.isfinite(report.final_train_loss)
     assert report.history[-1]["val_loss"] < math.log(32)
+
+
+def test_step_hook_and_best_weights_restored_on_early_stop() -> None:
+    ids = _patterned_tokens()
+    noise = torch.randint(0, 32, (5000,), generator=torch.Generator().manual_seed(1))
+    calls = []
+    cfg = TrainConfig(
+        max_steps=400,
+        batch_size=8,
+        seq_len=32,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_every=10,
+        eval_batches=2,
+        early_stop_patience=2,
+    )
+    model = build_gpt("tiny", 32)
+    report = train(model, ids, cfg, val_ids=noise, progress=False, on_step=lambda: calls.append(1))
+    assert len(calls) == report.steps
+    assert report.best_step < report.steps  # it stopped after evaluations that did not improve
+    # The weights kept are the best ones: their validation loss is the best one recorded.
+    from compress.train import estimate_loss, lm_loss
+
+    assert estimate_loss(model, noise, cfg, lm_loss) == pytest.approx(report.best_val_loss)
+
+
+def test_validation_can_watch_another_loss() -> None:
+    from compress.train import estimate_loss, lm_loss
+
+    ids = _patterned_tokens()
+    cfg = TrainConfig(
+        max_steps=20, batch_size=4, seq_len=32, warmup_steps=2, eval_every=20, eval_batches=1
+    )
+
+    def doubled(model, x, y):
+        return 2 * lm_loss(model, x, y)
+
+    for val_fn, expect_fn in ((None, doubled), (lm_loss, lm_loss)):
+        model = build_gpt("tiny", 32)
+        report = train(
+            model, ids, cfg, val_ids=ids, loss_fn=doubled, val_loss_fn=val_fn, progress=False
+        )
+        assert report.history[-1]["val_loss"] == pytest.approx(
+            estimate_loss(model, ids, cfg, expect_fn)
+        )
