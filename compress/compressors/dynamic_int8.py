@@ -42,9 +42,9 @@ import torch.ao.nn.quantized.dynamic as nnqd  # already imported by ``import tor
 import torch.nn as nn
 
 from compress.compressors.base import StageConfig, StageContext, StageReport, register
-from compress.compressors.targets import select_modules, set_module
+from compress.compressors.quantize import convert_linears
+from compress.compressors.targets import select_modules
 from compress.errors import CompressError
-from compress.evaluate.memory import module_weight_bytes, packed_linear_tensors
 
 KIND = "dynamic-int8"
 QMAX = 127  # symmetric: codes in [-QMAX, QMAX]
@@ -161,34 +161,13 @@ def apply_dynamic_int8(
     sel = select_modules(model, (nn.Linear,), cfg.targets, ignore, stage=KIND)
     report = StageReport(stage=KIND, config=cfg.model_dump(), skipped=sel.skipped)
     spec = {"kind": KIND, "per_channel": cfg.per_channel}
-    weights = bias_bytes = 0
-    for name, lin in sel.selected:
-        if not lin.weight.is_floating_point():  # e.g. a bitsandbytes layer (an nn.Linear)
-            reason = f"{type(lin).__name__} weight is {lin.weight.dtype}, already quantized"
-            report.skipped.append({"module": name, "reason": reason})
-            continue
-        before = module_weight_bytes(lin)
-        q = make_dynamic_int8_linear(lin, cfg.per_channel)
-        set_module(model, name, q)
-        after = module_weight_bytes(q)
-        report.touched.append(
-            {
-                "module": name,
-                "from": type(lin).__name__,
-                "to": type(q).__name__,
-                "shape": [lin.out_features, lin.in_features],
-                "bytes_before": before,
-                "bytes_after": after,
-                "quant": spec,
-            }
-        )
-        report.touched_bytes_before += before
-        report.touched_bytes_after += after
-        weights += lin.out_features * lin.in_features
-        bias_bytes += packed_linear_tensors(q).get("bias", torch.empty(0)).nbytes
+    convert_linears(
+        model,
+        sel.selected,
+        lambda lin: make_dynamic_int8_linear(lin, cfg.per_channel),
+        spec,
+        report,
+    )
     report.extra["backend"] = backend()
-    # Bits per weight of the touched layers, biases excluded: codes plus scales and zero points.
-    if weights:
-        report.extra["bits_per_weight"] = 8 * (report.touched_bytes_after - bias_bytes) / weights
     report.extra["lm_head_untied_copy"] = untied
     return model, report

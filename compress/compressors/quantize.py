@@ -9,6 +9,7 @@ On a CPU these save memory but are not faster than fp32 (see the latency column)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -97,12 +98,26 @@ def honor_compute_dtype(q: nn.Module) -> None:
         q.support_avx512bf16_for_cpu = False
 
 
-def _convert(
-    model: nn.Module, stage: str, cfg: Int8Config | FourBitConfig, make, spec: dict
-) -> tuple[nn.Module, StageReport]:
-    sel = select_modules(model, (nn.Linear,), cfg.targets, cfg.ignore, stage=stage)
-    report = StageReport(stage=stage, config=cfg.model_dump(), skipped=sel.skipped)
-    for name, lin in sel.selected:
+def convert_linears(
+    model: nn.Module,
+    selected: list[tuple[str, nn.Module]],
+    make: Callable[[nn.Linear], nn.Module],
+    spec: dict,
+    report: StageReport,
+) -> None:
+    """Replace each selected linear layer by ``make(layer)`` and account for it in ``report``.
+
+    Shared by every weight quantizer: a layer whose weight is no longer floating point (already
+    quantized by an earlier stage) is skipped with its reason; touched layers are listed with
+    their bytes before and after, and ``extra["bits_per_weight"]`` gives the bits per weight of
+    the converted matrices, codes plus scales/absmax/maps, biases excluded.
+    """
+    weights = bias_bytes = 0
+    for name, lin in selected:
+        if not lin.weight.is_floating_point():
+            reason = f"{type(lin).__name__} weight is {lin.weight.dtype}, already quantized"
+            report.skipped.append({"module": name, "reason": reason})
+            continue
         before = module_weight_bytes(lin)
         q = make(lin)
         set_module(model, name, q)
@@ -120,15 +135,18 @@ def _convert(
         )
         report.touched_bytes_before += before
         report.touched_bytes_after += after
-    weights = sum(t["shape"][0] * t["shape"][1] for t in report.touched)
-    # Bits per weight of the touched layers, biases excluded: codes plus scales/absmax/maps.
+        weights += lin.out_features * lin.in_features
+        bias_bytes += lin.bias.nbytes if lin.bias is not None else 0  # stays fp32 when converted
     if weights:
-        bias_bytes = sum(
-            model.get_submodule(t["module"]).bias.nbytes
-            for t in report.touched
-            if model.get_submodule(t["module"]).bias is not None
-        )
         report.extra["bits_per_weight"] = 8 * (report.touched_bytes_after - bias_bytes) / weights
+
+
+def _convert(
+    model: nn.Module, stage: str, cfg: Int8Config | FourBitConfig, make, spec: dict
+) -> tuple[nn.Module, StageReport]:
+    sel = select_modules(model, (nn.Linear,), cfg.targets, cfg.ignore, stage=stage)
+    report = StageReport(stage=stage, config=cfg.model_dump(), skipped=sel.skipped)
+    convert_linears(model, sel.selected, make, spec, report)
     return model, report
 
 

@@ -147,3 +147,13 @@ def test_quantizing_a_plain_module_tree() -> None:
     q, report = run_stage("int8", model, REGISTRY["int8"].config_cls(ignore=[]), StageContext())
     assert [t["module"] for t in report.touched] == ["0", "2"]
     assert report.params_after == report.params_before
+
+
+def test_quantizing_twice_skips_the_already_quantized_layers(base) -> None:
+    ws, _, _ = base
+    model, _ = _apply(ws, "int8")
+    again, report = run_stage("nf4", model, REGISTRY["nf4"].config_cls(), StageContext())
+    assert not report.touched
+    reasons = {s["module"]: s["reason"] for s in report.skipped}
+    assert reasons["blocks.0.mlp.fc_in"] == "Linear8bitLt weight is torch.int8, already quantized"
+    assert type(again.blocks[0].mlp.fc_in).__name__ == "Linear8bitLt"
