@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from compress.compressors import StageContext, StageReport, run_stage
+from compress.compressors import REGISTRY, StageContext, StageReport, run_stage
 from compress.data import (
     Corpus,
     Tokenizer,
@@ -37,7 +37,7 @@ from compress.data import (
     unigram_perplexity,
 )
 from compress.errors import CompressError
-from compress.evaluate.latency import LatencyResult, quartiles
+from compress.evaluate.latency import LatencyResult, interleaved_latency
 from compress.evaluate.memory import (
     count_zeros,
     dir_bytes,
@@ -197,62 +197,11 @@ def measure_static(
 
 
 def _describe(report: StageReport) -> str:
-    defaults = {}
-    from compress.compressors import REGISTRY
-
-    cls = REGISTRY[report.stage].config_cls
-    defaults = cls().model_dump()
-    return ", ".join(f"{k}={v}" for k, v in report.config.items() if defaults.get(k) != v)
+    return REGISTRY[report.stage].config_cls.model_validate(report.config).describe()
 
 
 def _threads(recipe: Recipe) -> int:
     return recipe.eval.latency.threads or torch.get_num_threads()
-
-
-@torch.inference_mode()
-def interleaved_latency(
-    models: dict[str, nn.Module],
-    vocab_size: int,
-    batch_size: int,
-    seq_len: int,
-    threads: int,
-    warmup: int,
-    repeats: int,
-    seed: int = 0,
-) -> dict[str, LatencyResult]:
-    """Forward latency of several models measured in alternating rounds.
-
-    Each round times one forward pass of every model, in an order that rotates per round, so
-    slow drift of the machine (thermal, other processes) lands on all models alike and their
-    ratios stay meaningful. Warm-up passes run first for every model.
-    """
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    x = torch.randint(
-        0, vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed)
-    )
-    names = list(models)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    try:
-        for n in names:
-            models[n].eval()
-            for _ in range(warmup):
-                models[n](x)
-        for r in range(repeats):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                t0 = time.perf_counter()
-                models[n](x)
-                samples[n].append((time.perf_counter() - t0) * 1000)
-    finally:
-        torch.set_num_threads(prev)
-    out = {}
-    for n, s in samples.items():
-        q25, q50, q75 = quartiles(s)
-        out[n] = LatencyResult(
-            q50, q75 - q25, q25, q75, min(s), batch_size, seq_len, threads, warmup, repeats, s
-        )
-    return out
 
 
 def failed(name: str, exc: BaseException) -> VariantResult:

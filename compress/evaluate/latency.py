@@ -1,7 +1,8 @@
 """Latency: median and IQR of the wall time of one forward pass, after warm-up.
 
 Batch size, sequence length and torch's intra-op thread count are fixed per run and written into
-the report; inputs are fixed token ids so every variant does the same work.
+the report; inputs are fixed token ids so every variant does the same work, and all variants of
+a run are timed in alternating rounds so their ratios are side by side.
 """
 
 from __future__ import annotations
@@ -40,46 +41,46 @@ def quartiles(samples: list[float]) -> tuple[float, float, float]:
 
 
 @torch.inference_mode()
-def forward_latency(
-    model: nn.Module,
+def interleaved_latency(
+    models: dict[str, nn.Module],
     vocab_size: int,
-    batch_size: int = 8,
-    seq_len: int = 256,
-    threads: int | None = None,
-    warmup: int = 3,
-    repeats: int = 20,
+    batch_size: int,
+    seq_len: int,
+    threads: int,
+    warmup: int,
+    repeats: int,
     seed: int = 0,
-) -> LatencyResult:
-    """Time ``repeats`` forward passes of a ``(batch_size, seq_len)`` batch of token ids."""
-    prev_threads = torch.get_num_threads()
-    threads = threads or prev_threads
+) -> dict[str, LatencyResult]:
+    """Forward latency of several models measured in alternating rounds.
+
+    Each round times one forward pass of every model, in an order that rotates per round, so
+    slow drift of the machine (thermal, other processes) lands on all models alike and their
+    ratios stay meaningful. Warm-up passes run first for every model.
+    """
+    prev = torch.get_num_threads()
     torch.set_num_threads(threads)
-    was_training = model.training
-    model.eval()
-    try:
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randint(0, vocab_size, (batch_size, seq_len), generator=gen)
-        for _ in range(warmup):
-            model(x)
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            samples.append((time.perf_counter() - t0) * 1000)
-    finally:
-        torch.set_num_threads(prev_threads)
-        model.train(was_training)
-    q25, q50, q75 = quartiles(samples)
-    return LatencyResult(
-        median_ms=q50,
-        iqr_ms=q75 - q25,
-        q25_ms=q25,
-        q75_ms=q75,
-        min_ms=min(samples),
-        batch_size=batch_size,
-        seq_len=seq_len,
-        threads=threads,
-        warmup=warmup,
-        repeats=repeats,
-        samples_ms=samples,
+    x = torch.randint(
+        0, vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed)
     )
+    names = list(models)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    try:
+        for n in names:
+            models[n].eval()
+            for _ in range(warmup):
+                models[n](x)
+        for r in range(repeats):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                models[n](x)
+                samples[n].append((time.perf_counter() - t0) * 1000)
+    finally:
+        torch.set_num_threads(prev)
+    out = {}
+    for n, s in samples.items():
+        q25, q50, q75 = quartiles(s)
+        out[n] = LatencyResult(
+            q50, q75 - q25, q25, q75, min(s), batch_size, seq_len, threads, warmup, repeats, s
+        )
+    return out
