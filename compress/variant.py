@@ -28,6 +28,7 @@ from compress.models.gpt import GPT, GPTConfig
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "variant.json"
+BNB_KINDS = ("int8", "nf4", "fp4")  # manifest kinds stored as bitsandbytes layers
 
 
 def quantized_modules(model: nn.Module) -> dict[str, dict]:

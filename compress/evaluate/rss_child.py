@@ -36,11 +36,13 @@ def main(argv: list[str]) -> None:
     variant_dir, batch, seq_len, threads = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
     import torch
 
-    from compress.variant import MANIFEST, load_variant
+    from compress.variant import BNB_KINDS, MANIFEST, load_variant
 
     torch.set_num_threads(threads)
-    # Libraries the variant needs to run count as runtime, not as the model's memory.
-    if json.loads((Path(variant_dir) / MANIFEST).read_text()).get("quantized"):
+    # Libraries the variant needs to run count as runtime, not as the model's memory; only
+    # bitsandbytes layers need bitsandbytes (torch's dynamic int8 does not).
+    specs = json.loads((Path(variant_dir) / MANIFEST).read_text()).get("quantized", {})
+    if any(spec["kind"] in BNB_KINDS for spec in specs.values()):
         from compress._bnb import import_bnb
 
         import_bnb()

@@ -81,3 +81,19 @@ def test_peak_rss_is_not_polluted_by_a_large_parent(tmp_path) -> None:
     # The tiny model's own peak is far below the parent's size.
     assert rss["peak_rss_bytes"] < 550e6, rss
     assert rss["peak_rss_bytes"] - rss["rss_after_load_bytes"] < 100e6, rss
+
+
+def test_runtime_libraries_are_loaded_only_when_the_variant_needs_them(tmp_path) -> None:
+    model = build_gpt("tiny", 256).eval()
+    imports = {}
+    for stage in (None, "dynamic-int8", "int8"):
+        m = model
+        if stage:
+            m, _ = run_stage(
+                stage, copy.deepcopy(model), REGISTRY[stage].config_cls(), StageContext()
+            )
+        save_variant(m, tmp_path / str(stage))
+        imports[stage] = peak_rss(tmp_path / str(stage), 1, 8, 1)["rss_after_import_bytes"]
+    # bitsandbytes (>100 MB resident) is imported for its own layers only.
+    assert abs(imports["dynamic-int8"] - imports[None]) < 40e6, imports
+    assert imports["int8"] - imports[None] > 60e6, imports
