@@ -48,6 +48,8 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _use_session_cache(cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(cache_root))
+    # the tests' sweep workers share a gate with each other, not with real runs on the machine
+    monkeypatch.setenv("COMPRESS_LOCK_DIR", str(cache_root / "locks"))
 
 
 @pytest.fixture(scope="session")
