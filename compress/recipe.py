@@ -36,6 +36,15 @@ from pydantic import (
 from compress.compressors import REGISTRY, StageConfig
 from compress.errors import RecipeError
 from compress.models.gpt import PRESETS
+from compress.sweep.space import (
+    SpaceError,
+    SweepSpec,
+    check_structure,
+    corner_assignments,
+    defaults,
+    resolve,
+    resolve_indexed,
+)
 
 
 class Strict(BaseModel):
@@ -136,6 +145,7 @@ class Recipe(Strict):
     eval: EvalSpec = EvalSpec()
     variants: list[VariantSpec] = Field(default_factory=list)
     report: ReportSpec = ReportSpec()
+    sweep: SweepSpec | None = None
 
     @field_validator("variants")
     @classmethod
@@ -180,8 +190,12 @@ def _key_path(loc: tuple) -> str:
 def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class found by following ``loc`` from ``cls`` (for 'allowed keys')."""
     current: Any = cls
+    mapping = False  # the next part is a key of a mapping, not a field name
     for part in loc:
         if isinstance(part, int):
+            continue
+        if mapping:
+            mapping = False
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None
@@ -189,11 +203,16 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         current = _unwrap(field.annotation)
+        if typing.get_origin(current) is dict:
+            current = _unwrap(typing.get_args(current)[1])
+            mapping = True
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
 def _unwrap(ann: Any) -> Any:
     origin = typing.get_origin(ann)
+    if origin is dict:
+        return ann
     if origin in (typing.Union, types.UnionType, list):
         for arg in typing.get_args(ann):
             inner = _unwrap(arg)
@@ -275,7 +294,55 @@ def recipe_from_dict(data: Any, file: str = "<recipe>", default_name: str = "rec
                     f"{where}.{stage.name}.teacher",
                     f"{teacher!r} is not the baseline or an earlier variant ({', '.join(earlier)})",
                 )
+    if recipe.sweep is not None:
+        _check_sweep(recipe, file)
     return recipe
+
+
+def _check_sweep(recipe: Recipe, file: str) -> None:
+    """Everything a trial could resolve to must be a valid pipeline: checked at load over every
+    choice and both bounds of every number, so no trial fails on a typo."""
+    spec = recipe.sweep
+    assert spec is not None
+    if recipe.variants:
+        raise RecipeError(
+            file,
+            "variants",
+            "a recipe with a sweep lists its fixed variants under sweep.seeds, as parameter values",
+        )
+    try:
+        check_structure(spec)
+        base = defaults(spec, where="params")
+        if on := resolve(spec, base):
+            names = ", ".join(next(iter(stage)) for stage in on)
+            raise SpaceError(
+                "params",
+                "with every parameter at its default the pipeline must be empty: that assignment "
+                f"is the baseline, trial 0; the defaults switch on {names}",
+            )
+        checks = [
+            (f"seeds.{n}", defaults(spec, g, where=f"seeds.{n}")) for n, g in spec.seeds.items()
+        ]
+        checks += [("params", values) for values in corner_assignments(spec)]
+    except SpaceError as exc:
+        raise RecipeError(file, f"sweep.{exc.key}", exc.problem) from None
+    for origin, values in checks:
+        try:
+            stages = resolve_indexed(spec, values)
+        except SpaceError as exc:
+            raise RecipeError(file, f"sweep.{exc.key}", exc.problem) from None
+        for i, item in stages:
+            where = f"sweep.pipeline[{i}]"
+            try:
+                stage = parse_stage(item, where, file)
+            except RecipeError as exc:
+                shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+                raise RecipeError(file, exc.key, f"{exc.problem} (at {origin}: {shown})") from None
+            teacher = getattr(stage.config, "teacher", None)
+            if teacher not in (None, "baseline"):
+                raise RecipeError(
+                    file, f"{where}.{stage.name}.teacher", "in a sweep the teacher is the baseline"
+                )
 
 
 def variant_stages(variant: VariantSpec) -> list[Stage]:

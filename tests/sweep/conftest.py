@@ -1,0 +1,96 @@
+"""A small sweep over the `tiny` baseline of the session cache, written as a recipe file."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from tests.conftest import TINY_RECIPE
+
+SWEEP: dict = {
+    "trials": 8,
+    "sampler": {"startup_trials": 3},
+    "heartbeat": {"interval": 1, "grace": 3},
+    "params": {
+        "prune": {"choice": [False, True]},
+        "sparsity": {"float": [0.1, 0.8], "step": 0.1, "when": {"prune": True}},
+        "quantizer": {"choice": ["none", "int8", "cpu-int8"]},
+    },
+    "pipeline": [
+        {"prune": {"sparsity": "$sparsity"}, "when": {"prune": True}},
+        {"int8": {}, "when": {"quantizer": "int8"}},
+        {"dynamic-int8": {}, "when": {"quantizer": "cpu-int8"}},
+    ],
+    "seeds": {"int8": {"quantizer": "int8"}, "prune50": {"prune": True, "sparsity": 0.5}},
+}
+
+
+def sweep_recipe(**sweep_overrides) -> dict:
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["name"] = "tiny-sweep"
+    recipe.pop("variants")
+    recipe["eval"]["memory"] = {"peak_rss": False}
+    recipe["eval"]["latency"].update(repeats=3, warmup=1)
+    recipe["sweep"] = {**copy.deepcopy(SWEEP), **sweep_overrides}
+    return recipe
+
+
+def slow_sweep_recipe(**sweep_overrides) -> dict:
+    """The tiny sweep with distillation after pruning: trials long enough (a second or more)
+    to kill a worker in the middle of one."""
+    recipe = sweep_recipe(**sweep_overrides)
+    sweep = recipe["sweep"]
+    sweep["params"]["steps"] = {"int": [20, 40], "step": 20, "default": 20, "when": {"prune": True}}
+    sweep["pipeline"].insert(
+        1, {"distill": {"max_steps": "$steps", "seq_len": 64}, "when": {"prune": True}}
+    )
+    sweep["seeds"]["prune50"]["steps"] = 20
+    return recipe
+
+
+def running_trial(
+    proc: subprocess.Popen,
+    storage: str,
+    pick: Callable[[optuna.trial.FrozenTrial], bool],
+    timeout: float = 240,
+) -> optuna.trial.FrozenTrial | None:
+    """Poll the sweep's study until one of its RUNNING trials satisfies `pick`; None if the
+    sweep ends or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            study = optuna.load_study(study_name="tiny-sweep", storage=storage)
+        except Exception:  # not created yet
+            continue
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for trial in running:
+            if pick(trial):
+                return trial
+    return None
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def sweep_file(tmp_path: Path, tiny_workspace) -> Path:
+    """A recipe file for the tiny sweep (the tiny baseline is trained once per session)."""
+    return write_recipe(tmp_path / "tiny-sweep.yaml", sweep_recipe())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_result_cache(cache_root: Path) -> None:
+    """Each test measures its own trials: no result reuse across tests."""
+    import shutil
+
+    shutil.rmtree(cache_root / "sweep-results", ignore_errors=True)
