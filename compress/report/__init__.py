@@ -13,6 +13,13 @@ from pathlib import Path
 from compress.report.html import html_table, render_html, write_html
 from compress.report.plots import ratio_bar_charts
 from compress.report.study import dashboard_command, sqlite_url, write_study
+from compress.report.sweep import (
+    pareto_front,
+    pareto_trials,
+    recommend,
+    seed_comparison,
+    write_sweep_report,
+)
 from compress.report.tables import RATIO_METRICS, add_ratios, write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -22,14 +29,19 @@ __all__ = [
     "add_ratios",
     "dashboard_command",
     "html_table",
+    "pareto_front",
+    "pareto_trials",
     "ratio_bar_charts",
+    "recommend",
     "render_html",
+    "seed_comparison",
     "sqlite_url",
     "write_csv",
     "write_html",
     "write_json",
     "write_report",
     "write_study",
+    "write_sweep_report",
 ]
 
 

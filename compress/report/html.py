@@ -10,7 +10,7 @@ import base64
 import html
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,18 +216,38 @@ def render_html(
     as data URIs.
     """
     rows = add_ratios(rows) if rows and "perplexity_ratio" not in rows[0] else list(rows)
+    head = [("Summary", _summary_table(rows))]
+    if charts:
+        head.append(("Charts", _charts_html(charts)))
+    return html_page(
+        title,
+        [*head, *sections],
+        recipe_text=recipe_text,
+        definitions=definitions,
+        environment=environment,
+    )
+
+
+def html_page(
+    title: str,
+    sections: Sequence[tuple[str, str]],
+    *,
+    recipe_text: str,
+    definitions: Mapping[str, str],
+    environment: Mapping[str, str],
+    css: str = "",
+) -> str:
+    """A self-contained report page: `sections` ((heading, HTML fragment) pairs; the heading
+    is escaped, the fragment is not), then the metric definitions, the recipe and the
+    environment. `css` is added to the shared style sheet."""
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{esc(title)}</title><style>{_CSS}{css}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
-        "<h2>Summary</h2>",
-        _summary_table(rows),
     ]
-    if charts:
-        parts += ["<h2>Charts</h2>", _charts_html(charts)]
     for heading, fragment in sections:
         parts += [f"<h2>{esc(heading)}</h2>", f'<div class="section">{fragment}</div>']
     if definitions:
