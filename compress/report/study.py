@@ -7,7 +7,6 @@ dashboard shows the Pareto front of the variants directly.
 from __future__ import annotations
 
 import logging
-import shlex
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from compress.dashboard import STUDY_FILE, SWEEP_FILE, command_for
 from compress.report.tables import as_float, jsonable
 
 logger = logging.getLogger(__name__)
@@ -118,9 +118,15 @@ def sqlite_url(db_path: str | Path) -> str:
     return f"sqlite:///{Path(db_path).as_posix()}"
 
 
-def dashboard_command(db_path: str | Path) -> str:
-    """The shell command that opens the study database at `db_path` in optuna-dashboard."""
-    return f"optuna-dashboard {shlex.quote(sqlite_url(db_path))}"
+def dashboard_command(path: str | Path) -> str:
+    """The shell command that opens a run's study in optuna-dashboard, with its artifacts:
+    `python -m compress.dashboard <report folder>`. `path` is the report folder or a file in
+    it (its study.db or sweep.json); a relative path stays relative.
+    """
+    path = Path(path)
+    if path.name in (STUDY_FILE, SWEEP_FILE) or path.is_file():
+        path = path.parent
+    return command_for(path)
 
 
 __all__ = ["OBJECTIVES", "dashboard_command", "sqlite_url", "write_study"]

@@ -283,12 +283,11 @@ def test_ok_row_with_missing_objective_is_fail(tmp_path: Path) -> None:
 
 
 def test_dashboard_command() -> None:
-    assert dashboard_command(Path("reports/x/study.db")) == (
-        "optuna-dashboard sqlite:///reports/x/study.db"
-    )
-    assert (
-        dashboard_command(Path("/tmp/r/study.db")) == "optuna-dashboard sqlite:////tmp/r/study.db"
-    )
+    expected = "python -m compress.dashboard reports/x"
+    assert dashboard_command(Path("reports/x/study.db")) == expected  # what write_report passes
+    assert dashboard_command("reports/x") == expected
+    assert dashboard_command(Path("/tmp/r/sweep.json")) == "python -m compress.dashboard /tmp/r"
+    assert dashboard_command("/tmp/my run") == "python -m compress.dashboard '/tmp/my run'"
 
 
 # ---------------------------------------------------------------- write_report

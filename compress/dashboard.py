@@ -1,0 +1,324 @@
+"""Entry point: ``python -m compress.dashboard reports/<name>``.
+
+Opens a run's Optuna study in optuna-dashboard (trials, Pareto front, each trial's attached
+files) without having to spell out its storage URL or artifact folder:
+
+    python -m compress.dashboard reports/int8                  # http://127.0.0.1:8080/dashboard/
+    python -m compress.dashboard reports/my-sweep --port 8081
+    python -m compress.dashboard reports/my-sweep --storage "postgresql+psycopg://me:$PW@db/optuna"
+    python -m compress.dashboard sqlite:///reports/int8/study.db
+
+The target is a report folder, a file in one, or a storage URL. In a folder, ``sweep.json``
+(written by a sweep: ``storage``, ``study_name``, ``artifact_dir``, the latter relative to
+the folder) comes first, then ``study.db`` (a plain run, no artifacts). ``$VARS`` in a
+storage URL are expanded; a password recorded masked (``***``) is dropped, so PostgreSQL
+falls back to ``PGPASSWORD`` or ``~/.pgpass``; ``--storage`` replaces the URL altogether.
+
+It prints one line saying what it serves and where, then runs optuna-dashboard's own server
+in the foreground until Ctrl-C. Exit codes: 2 bad input (the reason on one line of stderr),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from compress.errors import CompressError
+
+if TYPE_CHECKING:
+    from optuna.storages import RDBStorage
+
+SWEEP_FILE = "sweep.json"
+STUDY_FILE = "study.db"
+SQLITE_HEADER = b"SQLite format 3\x00"
+MASKED_PASSWORD = "***"  # what sqlalchemy's render_as_string(hide_password=True) writes
+CONNECT_TIMEOUT_S = 10  # a PostgreSQL host that does not answer fails fast, not after minutes
+
+
+class DashboardError(CompressError):
+    """The target cannot be served: no such folder, no study in it, storage unreachable..."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """What to serve: a storage URL, an artifact folder, and where they were read from."""
+
+    storage: str
+    artifact_dir: Path | None
+    study_name: str | None  # the study the target names (a sweep), if any
+    origin: str  # e.g. "reports/x/sweep.json", for messages
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path.resolve().as_posix()}"
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        return False
+
+
+def _clean_url(url: str, origin: str) -> str:
+    """`url` with $VARS expanded and a masked password dropped (libpq then reads PGPASSWORD)."""
+    url = os.path.expandvars(url.strip())
+    if "://" not in url:
+        raise DashboardError(f"{origin}: storage: not a SQLAlchemy URL: {url!r}")
+    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise DashboardError(f"{origin}: storage: {exc}") from None
+    if parsed.password == MASKED_PASSWORD:  # (URL.set(password=None) would keep it)
+        bare = URL.create(
+            parsed.drivername,
+            username=parsed.username,
+            host=parsed.host,
+            port=parsed.port,
+            database=parsed.database,
+            query=parsed.query,
+        )
+        return bare.render_as_string(hide_password=False)
+    return url
+
+
+def _read_sweep(path: Path) -> Source:
+    """The storage, study and artifact folder a sweep recorded in `path` (a sweep.json)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DashboardError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DashboardError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DashboardError(f"{path}: must be a JSON object, got {type(doc).__name__}")
+    storage = doc.get("storage")
+    if not isinstance(storage, str) or not storage.strip():
+        raise DashboardError(f"{path}: storage: must be a non-empty SQLAlchemy URL string")
+    name = doc.get("study_name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise DashboardError(f"{path}: study_name: must be a non-empty string or absent")
+    art = doc.get("artifact_dir")
+    if art is not None and (not isinstance(art, str) or not art):
+        raise DashboardError(f"{path}: artifact_dir: must be a non-empty path string or null")
+    art_dir = (path.parent / art).resolve() if art else None  # absolute stays absolute
+    return Source(storage, art_dir, name, str(path))
+
+
+def _source(target: str | Path) -> Source:
+    """What `target` (a report folder, a file in one, or a storage URL) points at."""
+    text = str(target)
+    if "://" in text:
+        return Source(text, None, None, "the storage URL")
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise DashboardError(f"{path}: no such report folder (nor a storage URL)")
+    if path.is_file():
+        if path.name == SWEEP_FILE:
+            return _read_sweep(path)
+        if _is_sqlite_file(path):
+            return Source(sqlite_url(path), None, None, str(path))
+        raise DashboardError(f"{path}: neither a report folder, a {SWEEP_FILE} nor an SQLite file")
+    if (path / SWEEP_FILE).exists():
+        return _read_sweep(path / SWEEP_FILE)
+    if (path / STUDY_FILE).is_file():
+        return Source(sqlite_url(path / STUDY_FILE), None, None, str(path / STUDY_FILE))
+    raise DashboardError(
+        f"{path}: no {SWEEP_FILE} (a sweep) or {STUDY_FILE} (a run) here; "
+        "is it a report folder written by python -m compress.run?"
+    )
+
+
+def resolve_source(
+    target: str | Path, storage: str | None = None, artifact_dir: str | Path | None = None
+) -> Source:
+    """Like :func:`resolve`, with the study name and origin kept for messages."""
+    src = _source(target)
+    origin = src.origin
+    if storage is not None:
+        origin = "--storage"
+    url = _clean_url(storage if storage is not None else src.storage, origin)
+    art = src.artifact_dir
+    if artifact_dir is not None:
+        art = Path(artifact_dir).expanduser().resolve()
+        if not art.is_dir():
+            raise DashboardError(f"--artifact-dir {art}: no such folder")
+    elif art is not None and not art.is_dir():
+        raise DashboardError(
+            f"{src.origin}: artifact_dir {art}: no such folder (pass --artifact-dir)"
+        )
+    return Source(url, art, src.study_name, origin)
+
+
+def resolve(
+    target: str | Path, storage: str | None = None, artifact_dir: str | Path | None = None
+) -> tuple[str, Path | None]:
+    """The storage URL and artifact folder (absolute, or None) to serve for `target`.
+
+    `target` is a report folder (its sweep.json, else its study.db), a sweep.json or SQLite
+    file, or a storage URL; `storage` and `artifact_dir` override what it records. Raises
+    :class:`DashboardError` for a target that names nothing servable. Opens no storage.
+    """
+    src = resolve_source(target, storage, artifact_dir)
+    return src.storage, src.artifact_dir
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of `exc` on one line (optuna wraps sqlalchemy wraps the driver)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    orig = getattr(exc, "orig", None)  # sqlalchemy.exc.DBAPIError: the driver's own error
+    text = str(orig if orig is not None else exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _missing_module(exc: BaseException | None) -> str | None:
+    """The module whose import failed somewhere in `exc`'s chain (optuna wraps it), or None."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            return exc.name
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def open_storage(src: Source) -> tuple[RDBStorage, list[str]]:
+    """The storage of `src`, opened read-mostly, and the names of the studies in it."""
+    from sqlalchemy.engine import make_url
+
+    shown = mask_url(src.storage)
+    url = make_url(src.storage)
+    engine_kwargs: dict = {}
+    if url.get_backend_name() == "sqlite":
+        db = url.database or ""
+        if db in ("", ":memory:") or db.startswith("file:"):
+            raise DashboardError(f"{src.origin}: {shown}: an in-memory SQLite holds no study")
+        if not Path(db).is_file():  # sqlite would create an empty file
+            raise DashboardError(f"{src.origin}: {shown}: no such SQLite file")
+    elif url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query:
+        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+
+    from optuna.storages import RDBStorage
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            storage = RDBStorage(src.storage, engine_kwargs=engine_kwargs, skip_table_creation=True)
+            names = [s.study_name for s in storage.get_all_studies()]
+    except Exception as exc:  # optuna, sqlalchemy and driver errors share no narrower base
+        missing = _missing_module(exc)
+        if missing is not None:
+            hint = " (pip install 'compress[postgres]')" if missing.startswith("psycopg") else ""
+            raise DashboardError(
+                f"{src.origin}: {shown}: the database driver {missing!r} is not installed{hint}"
+            ) from None
+        reason = _reason(exc)
+        hint = " (set PGPASSWORD or pass --storage)" if "password" in reason.lower() else ""
+        raise DashboardError(f"{src.origin}: {shown}: cannot open: {reason}{hint}") from None
+    if src.study_name is not None and src.study_name not in names:
+        held = ", ".join(repr(n) for n in names) or "no study"
+        raise DashboardError(
+            f"{src.origin}: study {src.study_name!r} is not in {shown} (it holds {held})"
+        )
+    return storage, names
+
+
+def command_for(report_dir: str | Path) -> str:
+    """The shell one-liner that opens the run in `report_dir` in optuna-dashboard."""
+    return f"python -m compress.dashboard {shlex.quote(str(report_dir))}"
+
+
+def dashboard_url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    return f"http://{shown}:{port}/dashboard/"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m compress.dashboard",
+        description="Open a run's or a sweep's Optuna study, with its artifacts, "
+        "in optuna-dashboard.",
+    )
+    p.add_argument(
+        "target",
+        help="report folder (reports/<name>, with sweep.json or study.db) or a storage URL",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument(
+        "--storage",
+        help="storage URL to use instead of the recorded one, e.g. with the password: "
+        "postgresql+psycopg://user:$PGPASSWORD@host:5432/db",
+    )
+    p.add_argument(
+        "--artifact-dir", type=Path, help="artifact folder to use instead of the recorded one"
+    )
+    args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port: must be in [0, 65535], got {args.port}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        src = resolve_source(args.target, args.storage, args.artifact_dir)
+        storage, names = open_storage(src)
+        import optuna
+        import optuna_dashboard
+        from optuna.artifacts import FileSystemArtifactStore
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        store = FileSystemArtifactStore(str(src.artifact_dir)) if src.artifact_dir else None
+        if src.study_name is not None:
+            what = f"study {src.study_name!r}"
+        elif len(names) == 1:
+            what = f"study {names[0]!r}"
+        else:
+            what = f"{len(names)} studies"
+        arts = f" with artifacts in {src.artifact_dir}" if src.artifact_dir else ""
+        print(
+            f"optuna-dashboard: {what} from {mask_url(src.storage)}{arts} "
+            f"at {dashboard_url(args.host, args.port)}  (Ctrl-C to stop)",
+            flush=True,
+        )
+        try:
+            optuna_dashboard.run_server(
+                storage, host=args.host, port=args.port, artifact_store=store
+            )
+        except OSError as exc:  # the port is taken, the host is not ours, ...
+            raise DashboardError(
+                f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+            ) from None
+    except CompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    # bottle's run() swallows KeyboardInterrupt and returns: the server only stops on Ctrl-C.
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
