@@ -41,7 +41,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep glibc's default malloc thresholds (see compress.runtime.tune_allocator)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
-    return p.parse_args(argv)
+    sweep = p.add_argument_group("sweeps (recipes with a sweep: section)")
+    sweep.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    sweep.add_argument(
+        "--storage",
+        help="Optuna storage URL shared by every worker, e.g. "
+        "postgresql+psycopg://user@host:5432/db (default: sqlite sweep.db in the report folder)",
+    )
+    sweep.add_argument("--study", help="study name (default: sweep.study or the recipe name)")
+    sweep.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every trial's saved model under REPORT_DIR/checkpoints",
+    )
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
+    return args
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -253,6 +269,51 @@ def run(
     return 0
 
 
+def run_sweep_cli(recipe: Recipe, args: argparse.Namespace) -> int:
+    from compress.dashboard import command_for
+    from compress.sweep.driver import run_sweep, summary
+
+    out_dir = args.report_dir or Path(recipe.report.dir or Path("reports") / recipe.name)
+    spec = recipe.sweep
+    assert spec is not None
+    print(
+        f"compress: sweep {args.recipe} -> {out_dir}/  ({spec.trials} trials, objectives: "
+        f"{', '.join(spec.objectives)})",
+        flush=True,
+    )
+    outcome = run_sweep(
+        recipe,
+        args.recipe,
+        out_dir,
+        storage=args.storage,
+        study=args.study,
+        workers=args.workers,
+        progress=not args.no_progress and args.workers == 1,
+        verbose=args.verbose,
+        keep_checkpoints=args.keep_checkpoints,
+        echo=lambda line: print(line, flush=True),
+    )
+    print()
+    print(summary(outcome, spec))
+    print()
+    print(f"report: {outcome.paths['html']}  (also {outcome.paths['csv'].name})")
+    print(f"dashboard: {command_for(out_dir)}")
+    if outcome.failed_workers:
+        print(
+            f"error: {', '.join(outcome.failed_workers)} stopped with an error (its message is "
+            "above); the other workers' trials are in the study, run the same command to continue",
+            file=sys.stderr,
+        )
+        return 1
+    if outcome.interrupted:
+        print(
+            "interrupted: the study is consistent; run the same command to continue",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -262,10 +323,27 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
     allocator = "system default" if args.default_allocator else tune_allocator()
     try:
         recipe = load_recipe(args.recipe)
+        sweep_flags = [
+            flag
+            for flag, given in (
+                ("--workers", args.workers != 1),
+                ("--storage", args.storage),
+                ("--study", args.study),
+                ("--keep-checkpoints", args.keep_checkpoints),
+            )
+            if given
+        ]
+        if recipe.sweep is not None:
+            return run_sweep_cli(recipe, args)
+        if sweep_flags:
+            raise CompressError(
+                f"{args.recipe}: {', '.join(sweep_flags)} only apply to a recipe with a "
+                "sweep: section (see recipes/sweep.yaml)"
+            )
         return run(
             recipe, args.recipe, args.report_dir, progress=not args.no_progress, allocator=allocator
         )

@@ -1,0 +1,54 @@
+"""The sweep's storage: on SQLite, concurrent workers claim each queued trial exactly once."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from compress.sweep.runner import open_storage
+from compress.sweep.space import SweepSpec
+
+SPEC = SweepSpec(params={"x": {"int": [0, 1000]}}, pipeline=[{"prune": {"sparsity": "$x"}}])
+QUEUED = 120
+WORKERS = 4
+
+
+def _claim_all(url: str, start: float, out: mp.Queue) -> None:
+    """One worker: claim queued trials the way Study.optimize does, until none is left."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="q", storage=open_storage(url, SPEC))
+    while time.time() < start:  # every worker starts claiming at the same moment
+        time.sleep(0.001)
+    claimed = []
+    while (trial_id := study._pop_waiting_trial_id()) is not None:
+        claimed.append(trial_id)
+    out.put(claimed)
+
+
+def test_sqlite_workers_claim_each_queued_trial_once(tmp_path: Path) -> None:
+    # Optuna claims a queued trial by SELECT ... FOR UPDATE, which SQLite ignores; without
+    # open_storage's BEGIN IMMEDIATE, 4 workers here claimed 20-35 of 200 trials twice.
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    study = optuna.create_study(study_name="q", storage=open_storage(url, SPEC))
+    for i in range(QUEUED):
+        study.enqueue_trial({"x": i})
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start = time.time() + 3  # after every spawned worker has imported and opened the study
+    procs = [ctx.Process(target=_claim_all, args=(url, start, out)) for _ in range(WORKERS)]
+    for p in procs:
+        p.start()
+    claims = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    ids = [i for c in claims for i in c]
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} trials were claimed twice"
+    assert len(ids) == QUEUED
+    assert sum(1 for c in claims if c) >= 2, "the claims did not overlap in time"
+    states = {t.state for t in study.get_trials()}
+    assert states == {TrialState.RUNNING}

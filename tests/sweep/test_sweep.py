@@ -1,0 +1,322 @@
+"""Sweeps end to end on the `tiny` baseline: trial 0 and seeds, resume without recomputing,
+failures and NaN recorded, Ctrl-C and a killed worker leave a study that a re-run completes."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from compress import run as run_mod
+from compress.sweep import runner
+from tests.sweep.conftest import running_trial, slow_sweep_recipe, sweep_recipe, write_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+REAL_MEASURE = runner.measure
+REAL_RUN_WORKER = runner.run_worker
+
+
+def _study(out: Path, name: str = "tiny-sweep") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'sweep.db'}")
+
+
+def _count_measure(monkeypatch: pytest.MonkeyPatch, fail=None) -> list[list[dict]]:
+    """Record every pipeline `runner.measure` is asked to build; `fail(pipeline, n)` may
+    raise or return a replacement measurement."""
+    calls: list[list[dict]] = []
+    real = REAL_MEASURE
+
+    def measure(w, number, pipeline):
+        calls.append(pipeline)
+        if fail is not None:
+            out = fail(pipeline, len(calls))
+            if out is not None:
+                return out
+        return real(w, number, pipeline)
+
+    monkeypatch.setattr(runner, "measure", measure)
+    return calls
+
+
+def test_sweep_seeds_resumes_and_never_recomputes(
+    sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "report"
+    calls = _count_measure(monkeypatch)
+    assert run_mod.main([str(sweep_file), "--report-dir", str(out), "--no-progress"]) == 0
+    study = _study(out)
+    trials = study.get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 8 and len(trials) == 8
+    assert study.metric_names == ["perplexity", "latency_ratio", "weight_bytes"]
+
+    # trial 0 is the baseline, then the seeds in recipe order
+    t0, t1, t2 = trials[:3]
+    assert (t0.user_attrs["seed"], t1.user_attrs["seed"], t2.user_attrs["seed"]) == (
+        "baseline",
+        "int8",
+        "prune50",
+    )
+    assert t0.params == {"prune": False, "quantizer": "none"} and t0.user_attrs["pipeline"] == []
+    assert t0.user_attrs["latency_ratio"] == 1.0 and t0.user_attrs["perplexity_ratio"] == 1.0
+    assert t1.params == {"prune": False, "quantizer": "int8"}
+    assert t2.params == {"prune": True, "sparsity": 0.5, "quantizer": "none"}
+    # the numbers are measured, not copied: int8 is near-lossless and smaller, pruning sparse
+    assert abs(t1.user_attrs["perplexity_ratio"] - 1) < 0.01
+    assert t1.user_attrs["weight_bytes_ratio"] < 0.7
+    assert abs(t2.user_attrs["sparsity"] - 0.5) < 0.01 and t2.user_attrs["perplexity_ratio"] > 1
+    for t in done:
+        assert t.values == [
+            t.user_attrs["perplexity"],
+            t.user_attrs["latency_ratio"],
+            t.user_attrs["weight_bytes"],
+        ]
+        assert t.user_attrs["latency_ratio"] > 0
+        # each trial's own report is attached for the dashboard
+        # (the baseline's, trial 0's, is the study's: a finished trial takes no artifact)
+        owner = t if t.number else study
+        metas = optuna.artifacts.get_all_artifact_meta(owner, storage=study._storage)
+        assert len(metas) == 1 and metas[0].mimetype == "application/json"
+
+    # every distinct configuration was measured exactly once; repeats were reused
+    keys = [t.user_attrs["config_key"] for t in done]
+    assert len(calls) == len(set(keys))
+    for t in done:
+        first = min(
+            u.number for u in done if u.user_attrs["config_key"] == t.user_attrs["config_key"]
+        )
+        assert (t.user_attrs["cached_from"] is None) == (t.number == first)
+
+    frame = pd.read_csv(out / "trials.csv")
+    assert list(frame["number"]) == list(range(8))
+    assert (out / "report.html").read_text().count("Pareto") >= 1
+    # the dashboard one-liner finds this study and its artifacts from the report folder
+    from compress.dashboard import resolve
+
+    assert resolve(out) == (
+        f"sqlite:///{(out / 'sweep.db').resolve()}",
+        (out / "artifacts").resolve(),
+    )
+
+    # re-running a finished sweep measures nothing and adds no trial
+    monkeypatch.setattr(runner, "measure", _boom)
+    assert run_mod.main([str(sweep_file), "--report-dir", str(out), "--no-progress"]) == 0
+    assert len(_study(out).trials) == 8
+
+    # raising the budget continues the same study; earlier trials are left as they were
+    bigger = write_recipe(tmp_path / "more.yaml", sweep_recipe(trials=11))
+    calls = _count_measure(monkeypatch)
+    assert (
+        run_mod.main(
+            [str(bigger), "--report-dir", str(out), "--no-progress", "--study", "tiny-sweep"]
+        )
+        == 0
+    )
+    again = _study(out).get_trials()
+    assert len([t for t in again if t.state == TrialState.COMPLETE]) == 11
+    assert [t.values for t in again[:8]] == [t.values for t in trials]
+    known = set(keys)
+    assert all(runner.config_key(_ws(), p) not in known for p in calls)
+
+
+def _ws():
+    from compress.recipe import recipe_from_dict
+    from compress.workbench import prepare
+
+    return prepare(recipe_from_dict(sweep_recipe(), "x.yaml", "x"), REPO, progress=False)
+
+
+def _boom(*args, **kwargs):
+    raise AssertionError("nothing may be measured again")
+
+
+def test_failures_and_nan_are_recorded_and_the_sweep_goes_on(
+    sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(pipeline, n):  # the two seeds exactly
+        if pipeline == [{"int8": {}}]:
+            raise RuntimeError("bitsandbytes exploded")
+        if pipeline == [{"prune": {"sparsity": 0.5}}]:
+            return {"perplexity": math.nan, "weight_bytes": 1, "latency_ratio": 1.0}, {}
+        return None
+
+    calls = _count_measure(monkeypatch, fail)
+    out = tmp_path / "report"
+    path = write_recipe(tmp_path / "f.yaml", sweep_recipe(max_failures=40))
+    assert run_mod.main([str(path), "--report-dir", str(out), "--no-progress"]) == 0
+    trials = _study(out).get_trials()
+    by_seed = {t.user_attrs.get("seed"): t for t in trials}
+    assert by_seed["int8"].state == TrialState.FAIL
+    assert by_seed["int8"].user_attrs["error"] == "RuntimeError: bitsandbytes exploded"
+    assert by_seed["prune50"].state == TrialState.FAIL
+    assert (
+        by_seed["prune50"].user_attrs["error"] == "FloatingPointError: objective perplexity is nan"
+    )
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 8
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    # a repeat of a failed configuration is not measured again but pruned, which Optuna's
+    # samplers learn from (they ignore failed trials)
+    key = by_seed["int8"].user_attrs["config_key"]
+    repeats = [t for t in trials if t.user_attrs.get("config_key") == key and t.number != 1]
+    assert all(t.state == TrialState.PRUNED for t in repeats)
+    assert all("trial 1 failed (RuntimeError" in t.user_attrs["error"] for t in repeats)
+    assert sum(p == [{"int8": {}}] for p in calls) == 1
+    html = (out / "report.html").read_text()
+    assert "bitsandbytes exploded" in html
+    # a failed measurement is not cached: fixed, it is measured again
+    key = by_seed["int8"].user_attrs["config_key"]
+    assert not runner._result_path(key).exists()
+
+
+def test_ctrl_c_leaves_a_consistent_study_that_a_rerun_completes(
+    sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fired = []
+
+    def interrupt(pipeline, n):
+        if n == 3 and not fired:  # baseline, int8, then Ctrl-C while measuring prune50
+            fired.append(n)
+            raise KeyboardInterrupt
+        return None
+
+    calls = _count_measure(monkeypatch, interrupt)
+    out = tmp_path / "report"
+    assert run_mod.main([str(sweep_file), "--report-dir", str(out), "--no-progress"]) == 130
+    trials = _study(out).get_trials()
+    assert [t.state for t in trials[:3]] == [
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+    ]
+    assert trials[2].user_attrs["error"] == "interrupted"
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    # the interrupted worker queued its trial again at once, for any worker still running
+    (queued,) = [t for t in trials if t.state == TrialState.WAITING]
+    assert queued.system_attrs["failed_trial"] == 2 and queued.params == trials[2].params
+    assert (out / "report.html").is_file()  # the report of what is done is still written
+
+    calls.clear()
+    assert run_mod.main([str(sweep_file), "--report-dir", str(out), "--no-progress"]) == 0
+    trials = _study(out).get_trials()
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 2]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == trials[2].params and retry[0].user_attrs["seed"] == "prune50"
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 8
+    assert [] not in calls and [{"int8": {}}] not in calls  # trials 0 and 1 not redone
+
+
+def _cli(*args: str, cwd: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "compress.run", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def test_killed_worker_loses_no_completed_trial(tmp_path: Path, tiny_workspace) -> None:
+    path = write_recipe(tmp_path / "kill.yaml", slow_sweep_recipe(trials=7))
+    out = tmp_path / "report"
+    args = (str(path), "--report-dir", str(out), "--no-progress")
+    proc = _cli(*args, cwd=tmp_path, start_new_session=True)
+    storage = f"sqlite:///{out / 'sweep.db'}"
+    try:
+        caught = running_trial(proc, storage, lambda t: t.number >= 2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole command, mid-trial
+        proc.wait()
+    assert caught is not None, "no trial was caught running"
+    victim = caught.number
+    before = {
+        t.number: t.values
+        for t in optuna.load_study(study_name="tiny-sweep", storage=storage).get_trials()
+        if t.state == TrialState.COMPLETE
+    }
+    assert len(before) >= 2
+    time.sleep(4)  # past the heartbeat grace period (3 s)
+    rerun = _cli(*args, cwd=tmp_path)
+    text, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, text
+    trials = optuna.load_study(study_name="tiny-sweep", storage=storage).get_trials()
+    by_number = {t.number: t for t in trials}
+    for number, values in before.items():
+        assert by_number[number].state == TrialState.COMPLETE
+        assert by_number[number].values == values
+        assert not re.search(rf"\] trial {number} \(", text), f"trial {number} was run again"
+    assert by_number[victim].state == TrialState.FAIL
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == victim]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == by_number[victim].params
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) >= 7
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_sweep_flags_need_a_sweep_recipe(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = REPO / "recipes" / "int8.yaml"
+    assert run_mod.main([str(recipe), "--workers", "2", "--report-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--workers only apply to a recipe with a sweep: section" in err
+    assert "Traceback" not in err
+
+
+def test_bad_storage_is_one_line_and_exit_2(sweep_file: Path, tmp_path: Path, capsys) -> None:
+    code = run_mod.main(
+        [str(sweep_file), "--report-dir", str(tmp_path), "--storage", "nosuchdb://x"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: storage nosuchdb://x: cannot open") and "Traceback" not in err
+
+
+def test_a_worker_that_crashes_fails_the_run_not_the_study(
+    sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from compress.sweep import driver
+
+    # a worker process turns an unexpected error into one line and exit code 1 ...
+    def crash(*args, **kwargs):
+        raise RuntimeError("storage went away")
+
+    monkeypatch.setattr(runner, "run_worker", crash)
+    args = runner.WorkerArgs(
+        str(sweep_file),
+        str(tmp_path / "w"),
+        f"sqlite:///{tmp_path / 'w.db'}",
+        "tiny-sweep",
+        1,
+        2,
+        1,
+        1,
+        False,
+        False,
+    )
+    assert runner.worker_main(args) == 1
+    out = capsys.readouterr().out
+    assert "worker 1: failed: RuntimeError: storage went away" in out and "Traceback" not in out
+
+    # ... and the run exits 1 and names it, with the others' trials reported
+    monkeypatch.setattr(runner, "run_worker", REAL_RUN_WORKER)
+    monkeypatch.setattr(driver, "spawn_workers", lambda args, echo: [0, 1])
+    out_dir = tmp_path / "report"
+    code = run_mod.main(
+        [str(sweep_file), "--report-dir", str(out_dir), "--no-progress", "--workers", "2"]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error: worker 1 (exit 1) stopped with an error" in err and "Traceback" not in err
+    assert (out_dir / "report.html").is_file()
+    assert _study(out_dir).get_trials()[0].state == TrialState.COMPLETE  # the baseline

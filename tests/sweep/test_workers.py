@@ -1,0 +1,175 @@
+"""Several workers on one study: local processes (`--workers N`) and separate commands sharing
+a storage URL, as other machines would. No trial is lost, run twice, or left running.
+
+The PostgreSQL test needs a server: set COMPRESS_TEST_POSTGRES_URL, e.g.
+postgresql+psycopg://postgres@127.0.0.1:5432/test (`.ci/run` does).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.sweep.conftest import running_trial, slow_sweep_recipe, sweep_recipe, write_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+POSTGRES_ENV = "COMPRESS_TEST_POSTGRES_URL"
+LINE = re.compile(r"^\[\d+/\d+\] trial (\d+) \(([^)]+)\)", re.M)
+
+
+def _start(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "compress.run",
+            str(recipe),
+            "--report-dir",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        cwd=out.parent,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _check_study(study: optuna.Study, outputs: list[str], budget: int, workers: int) -> None:
+    trials = study.get_trials()
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0, states
+    assert states[TrialState.FAIL] == 0, [t.user_attrs.get("error") for t in trials]
+    done = states[TrialState.COMPLETE]
+    # every worker stops once it sees the budget met; others may finish one trial each
+    assert budget <= done <= budget + workers - 1, done
+    # the baseline is trial 0 and each seed ran exactly once
+    assert trials[0].user_attrs["seed"] == "baseline"
+    seeds = Counter(t.user_attrs.get("seed") for t in trials if t.user_attrs.get("seed"))
+    assert seeds == {"baseline": 1, "int8": 1, "prune50": 1}
+    # each trial was run by exactly one worker: the one its record names
+    ran = [(int(n), w) for text in outputs for n, w in LINE.findall(text)]
+    numbers = [n for n, _ in ran]
+    assert sorted(numbers) == sorted(set(numbers)), "a trial was run twice"
+    assert set(numbers) == {t.number for t in trials if t.number != 0}, "a trial was lost"
+    by_number = {t.number: t for t in trials}
+    for n, worker in ran:
+        assert by_number[n].user_attrs["worker"] == worker
+    assert len({w for _, w in ran}) >= 2, "the work was not shared"
+
+
+def test_local_workers_share_one_sqlite_study(tmp_path: Path, tiny_workspace) -> None:
+    recipe = write_recipe(tmp_path / "w.yaml", sweep_recipe(trials=10))
+    out = tmp_path / "report"
+    proc = _start(recipe, out, "--workers", "2")
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, text
+    assert "starting 2 workers" in text
+    study = optuna.load_study(study_name="tiny-sweep", storage=f"sqlite:///{out / 'sweep.db'}")
+    _check_study(study, [text], budget=10, workers=2)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the server, so that the workers also race to create Optuna's
+    tables; the given database itself when creating one is not allowed."""
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"set {POSTGRES_ENV} to a PostgreSQL URL to run the distributed-sweep test")
+    import sqlalchemy as sa
+
+    base = sa.engine.make_url(url)
+    name = f"compress_test_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.SQLAlchemyError:
+        admin.dispose()
+        yield url
+        return
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_machines_join_one_postgres_study(
+    postgres_url: str, tmp_path: Path, tiny_workspace
+) -> None:
+    """Two commands with the same storage URL and study name, as two machines would run
+    them, each with two local workers: four concurrent workers on one PostgreSQL study."""
+    name = f"tiny-sweep-{uuid.uuid4().hex[:8]}"
+    recipe = write_recipe(tmp_path / "pg.yaml", sweep_recipe(trials=14))
+    args = ("--storage", postgres_url, "--study", name, "--workers", "2")
+    first = _start(recipe, tmp_path / "a", *args)
+    second = _start(recipe, tmp_path / "b", *args)
+    try:
+        texts = [p.communicate(timeout=600)[0] for p in (first, second)]
+        assert first.returncode == 0, texts[0]
+        assert second.returncode == 0, texts[1]
+        study = optuna.load_study(study_name=name, storage=postgres_url)
+        _check_study(study, texts, budget=14, workers=4)
+        # only one of the two created the study and measured the baseline
+        assert sum("trial 0: measuring the baseline" in t for t in texts) == 1
+        # both wrote a report of the whole study
+        for sub in ("a", "b"):
+            assert (tmp_path / sub / "report.html").is_file()
+    finally:
+        for p in (first, second):
+            if p.poll() is None:
+                p.kill()
+        try:
+            optuna.delete_study(study_name=name, storage=postgres_url)
+        except KeyError:
+            pass
+
+
+def test_a_killed_local_worker_is_replaced_by_the_others(tmp_path: Path, tiny_workspace) -> None:
+    """One of two local workers dies mid-trial (SIGKILL, as the OOM killer would): the other
+    fails its trial once the heartbeat is stale, runs it again and finishes the sweep; the
+    run exits 1 and names the dead worker."""
+    recipe = write_recipe(tmp_path / "k.yaml", slow_sweep_recipe(trials=9))
+    out = tmp_path / "report"
+    proc = _start(recipe, out, "--workers", "2")
+    storage = f"sqlite:///{out / 'sweep.db'}"
+
+    def local_worker(t: optuna.trial.FrozenTrial) -> bool:  # not the parent's "init"
+        return t.number >= 2 and t.user_attrs.get("worker", "").startswith(socket.gethostname())
+
+    try:
+        victim = running_trial(proc, storage, local_worker)
+        if victim is not None:
+            os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+        text, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert victim is not None, "no trial was caught running"
+    assert proc.returncode == 1, text
+    assert "(exit -9) stopped with an error" in text
+    trials = optuna.load_study(study_name="tiny-sweep", storage=storage).get_trials()
+    by_number = {t.number: t for t in trials}
+    assert by_number[victim.number].state == TrialState.FAIL
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == victim.params
+    assert retry[0].user_attrs["worker"] != victim.user_attrs["worker"]
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) >= 9
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
