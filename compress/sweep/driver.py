@@ -322,6 +322,23 @@ def summary(outcome: SweepOutcome, spec: SweepSpec) -> str:
         + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
         + f" ({reused} reused, {outcome.ran} finished in this run, {outcome.seconds:.0f} s)"
     ]
+    done = states.get("COMPLETE", 0)
+    if done < spec.trials and not outcome.interrupted and not outcome.failed_workers:
+        failed = sum(
+            1
+            for t in trials
+            if t["state"] in ("FAIL", "PRUNED")
+            and not str(t.get("error") or "").startswith("interrupted")
+        )
+        why = (
+            f"sweep.max_failures, {failed} failed"
+            if failed >= (spec.max_failures or spec.trials) or not spec.timeout_minutes
+            else f"sweep.timeout_minutes {spec.timeout_minutes:g}"
+        )
+        lines.append(
+            f"stopped by {why} at {done} of {spec.trials} completed trials: "
+            "run the same command again to continue"
+        )
     objectives = [(m, METRICS[m]) for m in spec.objectives]
     front = pareto_trials(trials, objectives)
     by_number = {t["number"]: t for t in trials}

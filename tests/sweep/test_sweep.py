@@ -320,3 +320,20 @@ def test_a_worker_that_crashes_fails_the_run_not_the_study(
     assert "error: worker 1 (exit 1) stopped with an error" in err and "Traceback" not in err
     assert (out_dir / "report.html").is_file()
     assert _study(out_dir).get_trials()[0].state == TrialState.COMPLETE  # the baseline
+
+
+def test_a_sweep_cut_short_by_its_timeout_says_so_and_continues(
+    tmp_path: Path, tiny_workspace, capsys: pytest.CaptureFixture
+) -> None:
+    path = write_recipe(tmp_path / "t.yaml", sweep_recipe(timeout_minutes=0.001))
+    out = tmp_path / "report"
+    assert run_mod.main([str(path), "--report-dir", str(out), "--no-progress"]) == 0
+    done = len(_study(out).get_trials(states=(TrialState.COMPLETE,)))
+    assert done < 8
+    text = capsys.readouterr().out
+    assert f"stopped by sweep.timeout_minutes 0.001 at {done} of 8 completed trials" in text
+    # without the cap the same command finishes the budget and says nothing of the kind
+    path = write_recipe(tmp_path / "t.yaml", sweep_recipe())
+    assert run_mod.main([str(path), "--report-dir", str(out), "--no-progress"]) == 0
+    assert len(_study(out).get_trials(states=(TrialState.COMPLETE,))) == 8
+    assert "stopped by" not in capsys.readouterr().out
