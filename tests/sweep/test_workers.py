@@ -169,7 +169,7 @@ def test_a_killed_local_worker_is_replaced_by_the_others(tmp_path: Path, tiny_wo
     assert by_number[victim.number].state == TrialState.FAIL
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
-    assert retry[0].params == victim.params
+    assert retry[0].params.items() >= victim.params.items()  # it may have been mid-suggestion
     assert retry[0].user_attrs["worker"] != victim.user_attrs["worker"]
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) >= 9
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
