@@ -172,10 +172,12 @@ def write_report(
 
 
 def write_pointer(out_dir: Path, storage: str, name: str) -> Path:
-    """``sweep.json``: where the study lives, for ``python -m compress.dashboard <dir>``."""
+    """``sweep.json``: where the study lives, for ``python -m compress.dashboard <dir>``. A
+    password in the URL is recorded masked (the dashboard then uses PGPASSWORD or .pgpass):
+    a report folder gets shared, a database password must not travel with it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "sweep.json"
-    doc = {"storage": storage, "study_name": name, "artifact_dir": "artifacts"}
+    doc = {"storage": mask_url(storage), "study_name": name, "artifact_dir": "artifacts"}
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
 

@@ -52,3 +52,15 @@ def test_sqlite_workers_claim_each_queued_trial_once(tmp_path: Path) -> None:
     assert sum(1 for c in claims if c) >= 2, "the claims did not overlap in time"
     states = {t.state for t in study.get_trials()}
     assert states == {TrialState.RUNNING}
+
+
+def test_the_report_folder_records_the_storage_without_its_password(tmp_path: Path) -> None:
+    from compress.dashboard import resolve
+    from compress.sweep.driver import write_pointer
+
+    path = write_pointer(tmp_path, "postgresql+psycopg://me:s3cret@db.example:5432/optuna", "s")
+    text = path.read_text()
+    assert "s3cret" not in text and "me:***@db.example" in text
+    (tmp_path / "artifacts").mkdir()
+    # the dashboard drops the masked password (libpq then reads PGPASSWORD or ~/.pgpass)
+    assert resolve(tmp_path)[0] == "postgresql+psycopg://me@db.example:5432/optuna"

@@ -128,9 +128,13 @@ def test_machines_join_one_postgres_study(
         _check_study(study, texts, budget=14, workers=4)
         # only one of the two created the study and measured the baseline
         assert sum("trial 0: measuring the baseline" in t for t in texts) == 1
-        # both wrote a report of the whole study
+        # both wrote a report of the whole study, and the dashboard finds it from the folder
+        from compress.dashboard import open_storage, resolve_source
+
         for sub in ("a", "b"):
             assert (tmp_path / sub / "report.html").is_file()
+            _, names = open_storage(resolve_source(tmp_path / sub))
+            assert name in names
     finally:
         for p in (first, second):
             if p.poll() is None:
