@@ -42,9 +42,9 @@ measurement until it leaves ``computing()``. Spin-waiting thread pools (Intel Op
 ``KMP_BLOCKTIME``) may burn CPU for a short while after their process blocks at a checkpoint;
 latency warm-up passes absorb it.
 
-The process-wide gate is set with ``install()``; the module-level ``checkpoint()`` and
-``exclusive()`` use it, and are no-ops when none is installed, so library loops can call
-``checkpoint()`` unconditionally.
+The process-wide gate is set with ``install()``; the module-level ``checkpoint()``,
+``computing()`` and ``exclusive()`` use it, and are no-ops when none is installed, so library
+loops can call ``checkpoint()`` unconditionally.
 """
 
 from __future__ import annotations
@@ -377,6 +377,17 @@ def checkpoint() -> None:
     g = _current
     if g is not None:
         g.checkpoint()
+
+
+@contextmanager
+def computing() -> Iterator[None]:
+    """The installed gate's ``computing()``, or a no-op when none is installed."""
+    g = _current
+    if g is None:
+        yield
+        return
+    with g.computing():
+        yield
 
 
 @contextmanager

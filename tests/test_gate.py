@@ -307,6 +307,8 @@ def test_module_level_functions_are_no_ops_without_a_gate() -> None:
         assert gate.checkpoint() is None
         with gate.exclusive() as waited:
             assert waited == 0.0
+        with gate.computing():
+            pass
         t0 = time.perf_counter()
         for _ in range(100_000):
             gate.checkpoint()
@@ -326,6 +328,9 @@ def test_install_routes_module_level_functions(tmp_path: Path) -> None:
         with gate.exclusive():
             assert g.is_exclusive and _rw_held_by_anyone(g)
         assert not _rw_held_by_anyone(g)
+        with gate.computing():
+            assert g.is_computing and _rw_held_by_anyone(g)
+        assert not g.is_computing and not _rw_held_by_anyone(g)
     finally:
         gate.install(previous)
 

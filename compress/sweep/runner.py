@@ -28,7 +28,7 @@ import socket
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,16 +308,6 @@ def _store_result(key: str, measured: dict) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def _computing() -> Iterator[None]:
-    g = gate.current()
-    if g is None:
-        yield
-    else:
-        with g.computing():
-            yield
-
-
 MEASURED_KEYS = (
     "perplexity",
     "nll",
@@ -343,7 +333,7 @@ def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
     Returns (measured metrics, details for the trial's attached report)."""
     lat = w.recipe.eval.latency
     vdir = w.out_dir / "checkpoints" / f"trial-{number}"
-    with _computing():
+    with gate.computing():
         if pipeline:
             spec = VariantSpec(name=f"trial-{number}", pipeline=pipeline)
             models = {"baseline": w.ws.baseline}
@@ -761,7 +751,7 @@ def run_worker(
 
     timeout = spec.timeout_minutes * 60 if spec.timeout_minutes else None
     try:
-        with _computing():  # sampling and bookkeeping count as computing too; see measure()
+        with gate.computing():  # sampling and bookkeeping count as computing too; see measure()
             study.optimize(
                 lambda trial: run_trial(w, trial),
                 n_trials=None,
