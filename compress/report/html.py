@@ -24,6 +24,7 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
        max-width: 1200px; margin: 0 auto; padding: 16px 24px 48px; background: #fff; }
 h1 { font-size: 1.6em; margin: 0.2em 0 0.6em; }
 h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+h3 { font-size: 1.05em; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 13px; }
 th, td { padding: 4px 8px; border-bottom: 1px solid #e4e4e4; text-align: right;
@@ -235,17 +236,16 @@ def html_page(
     recipe_text: str,
     definitions: Mapping[str, str],
     environment: Mapping[str, str],
-    css: str = "",
 ) -> str:
     """A self-contained report page: `sections` ((heading, HTML fragment) pairs; the heading
     is escaped, the fragment is not), then the metric definitions, the recipe and the
-    environment. `css` is added to the shared style sheet."""
+    environment."""
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)}</title><style>{_CSS}{css}</style></head><body>",
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
     ]
     for heading, fragment in sections:

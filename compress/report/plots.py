@@ -53,7 +53,12 @@ def _finish(fig: Figure, ax: object, names: list[str]) -> bytes:
     ax.set_xticklabels(names, rotation=25 if rotate else 0, ha="right" if rotate else "center")
     ax.margins(y=0.15)
     ax.set_ylim(bottom=0)
-    # Outside the axes, so it never hides a bar whatever the ratios are.
+    return legend_png(fig)
+
+
+def legend_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes, its legend below the axes (outside them, so it never hides a
+    bar or a point whatever the data)."""
     fig.legend(loc="outside lower center", ncols=4, fontsize="small", frameon=False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

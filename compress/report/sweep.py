@@ -12,23 +12,22 @@ All objectives are minimised.
 from __future__ import annotations
 
 import html
-import io
 import json
 import logging
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from compress.report.html import _charts_html, format_value, html_page, html_table
-from compress.report.tables import as_float, jsonable, write_json
+from compress.report.html import _MB, _charts_html, format_value, html_page, html_table
+from compress.report.plots import legend_png
+from compress.report.tables import as_float, jsonable, ratio, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +35,7 @@ METRIC_KEYS: tuple[str, ...] = (
     "perplexity",
     "perplexity_ratio",
     "latency_ms",
+    "latency_iqr_ms",
     "latency_baseline_ms",
     "latency_ratio",
     "weight_bytes",
@@ -69,7 +69,6 @@ _RECORD_KEYS = frozenset(
 )
 
 _STATES: tuple[str, ...] = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
-_MB = 1e6
 _BLUE, _RED, _GREY = "#4C72B0", "#C44E52", "0.55"
 
 
@@ -78,7 +77,8 @@ _BLUE, _RED, _GREY = "#4C72B0", "#C44E52", "0.55"
 
 def trial_value(trial: Mapping[str, Any], key: str) -> float | None:
     """The number `key` of a trial: its objective value `values[key]` when there is one, else
-    the flat metric `trial[key]`; None when missing, not a number or NaN (inf is kept)."""
+    the flat metric `trial[key]` (the same number for a measured trial); None when missing,
+    not a number or NaN (inf is kept)."""
     values = trial.get("values")
     if isinstance(values, Mapping):
         value = as_float(values.get(key))
@@ -91,16 +91,6 @@ def search_params(trial: Mapping[str, Any]) -> dict[str, Any]:
     """The trial's active search parameters (`trial["params"]` when it is a mapping)."""
     params = trial.get("params")
     return dict(params) if isinstance(params, Mapping) else {}
-
-
-def _metric(trial: Mapping[str, Any], key: str) -> float | None:
-    """The flat metric `trial[key]`, else the objective value `values[key]`: the reading for
-    plots, recommendations and tables, where `trial_value` is the one for the front."""
-    value = as_float(trial.get(key))
-    if value is not None:
-        return value
-    values = trial.get("values")
-    return as_float(values.get(key)) if isinstance(values, Mapping) else None
 
 
 def _complete(trial: Mapping[str, Any]) -> bool:
@@ -166,12 +156,6 @@ def _baseline(trials: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return trials[0] if trials else None
 
 
-def _ratio(value: float | None, reference: float | None) -> float | None:
-    if value is None or reference is None or reference == 0:
-        return None
-    return value / reference
-
-
 def _cell(value: float | None) -> float | int | None:
     """A number for a table cell: whole numbers of 1000 and more (bytes) as ints, so that
     `format_value` prints 17,203,200 rather than 17,203,200.0."""
@@ -232,10 +216,35 @@ def pareto_trials(
     return [eligible[i]["number"] for i in pareto_front(points)]
 
 
-def distinct_front(trials: Sequence[Mapping[str, Any]], front: Sequence[int]) -> list[int]:
-    """The front without repeats (see `repeats`): one trial number per configuration."""
+@dataclass(frozen=True)
+class SweepAnalysis:
+    """What the report says about a sweep's trials, worked out once (see `analyse`)."""
+
+    front: list[int]  # numbers of the trials on the Pareto front, repeats included
+    repeated: dict[int, int]  # repeat trial number -> first trial of its configuration
+    picks: list[dict]  # `recommend`
+    comparison: list[dict]  # `seed_comparison`
+
+    @property
+    def distinct(self) -> list[int]:
+        """The front without repeats: one trial number per configuration."""
+        return [n for n in self.front if n not in self.repeated]
+
+
+def analyse(
+    trials: Sequence[Mapping[str, Any]],
+    objectives: Sequence[tuple[str, str]],
+    recommendations: Sequence[Mapping[str, Any]],
+) -> SweepAnalysis:
+    """The front, the repeats, the recommended picks and the seed comparison of `trials`."""
+    front = pareto_trials(trials, objectives)
     repeated = repeats(trials)
-    return [n for n in front if n not in repeated]
+    return SweepAnalysis(
+        front,
+        repeated,
+        recommend(trials, recommendations),
+        seed_comparison(trials, objectives, front=front, repeated=repeated),
+    )
 
 
 # ---------------------------------------------------------------- recommendations
@@ -280,11 +289,11 @@ def recommend(
         for trial in trials:
             if not (_complete(trial) and _feasible(trial)):
                 continue
-            value = _metric(trial, key)
+            value = trial_value(trial, key)
             if value is None:
                 continue
-            if all((m := _metric(trial, k)) is not None and m <= b for k, b in bounds.items()):
-                ppl = _metric(trial, "perplexity")
+            if all((m := trial_value(trial, k)) is not None and m <= b for k, b in bounds.items()):
+                ppl = trial_value(trial, "perplexity")
                 tie = math.inf if ppl is None else ppl
                 candidates.append(((value, tie, trial.get("number", 0)), trial))
         result: dict[str, Any] = {
@@ -305,8 +314,8 @@ def recommend(
                 trial=pick.get("number"),
                 seed=pick.get("seed"),
                 stages=pick.get("stages"),
-                value=_metric(pick, key),
-                perplexity=_metric(pick, "perplexity"),
+                value=trial_value(pick, key),
+                perplexity=trial_value(pick, "perplexity"),
             )
         else:
             result["note"] = f"no COMPLETE feasible trial meets {result['criteria']}"
@@ -318,7 +327,11 @@ def recommend(
 
 
 def seed_comparison(
-    trials: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]]
+    trials: Sequence[Mapping[str, Any]],
+    objectives: Sequence[tuple[str, str]],
+    *,
+    front: Sequence[int] | None = None,
+    repeated: Mapping[int, int] | None = None,
 ) -> list[dict]:
     """For each seeded trial (baseline included), the sampled trials that beat it.
 
@@ -330,19 +343,18 @@ def seed_comparison(
     `front_dominators` (numbers of front trials, seeded or sampled, that dominate it) and
     `covered_by_front`: True when the seed is on the front or dominated by a front member,
     None when the seed cannot be on the front at all (not COMPLETE, infeasible, or missing an
-    objective value).
+    objective value). `front` and `repeated` are `pareto_trials` and `repeats` of `trials`,
+    computed here when not given.
     """
     keys = [key for key, _ in objectives]
-    front = set(pareto_trials(trials, objectives))
+    front = set(pareto_trials(trials, objectives) if front is None else front)
+    repeated = repeats(trials) if repeated is None else repeated
     front_vectors = {t["number"]: _vector(t, keys) for t in trials if t.get("number") in front}
-    repeated = repeats(trials)
-    sampled = [
-        t
+    sampled = {  # trial -> its objective values; a repeat of a seed's configuration is no rival
+        t["number"]: (t, _vector(t, keys))
         for t in trials
-        if t.get("seed") is None
-        and _front_eligible(t, keys)
-        and t.get("number") not in repeated  # a repeat of a seed's own configuration
-    ]
+        if t.get("seed") is None and _front_eligible(t, keys) and t["number"] not in repeated
+    }
     out: list[dict] = []
     for seed in trials:
         if seed.get("seed") is None:
@@ -351,10 +363,9 @@ def seed_comparison(
         dominated_by: list[dict] = []
         front_dominators: list[int] = []
         if vector is not None:
-            for other in sampled:
-                theirs = _vector(other, keys)
+            for other, theirs in sampled.values():
                 if _dominates(theirs, vector):
-                    ratios = {k: _ratio(t, s) for k, t, s in zip(keys, theirs, vector)}
+                    ratios = {k: ratio(t, s) for k, t, s in zip(keys, theirs, vector)}
                     dominated_by.append(
                         {
                             "trial": other["number"],
@@ -394,8 +405,8 @@ def seed_comparison(
 
 def _flat_rows(
     trials: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]], front: set[int]
-) -> tuple[list[dict], list[str]]:
-    """One flat dict per trial and the CSV column order."""
+) -> list[dict]:
+    """One flat dict per trial, every one with the same keys in the CSV's column order."""
     value_keys: dict[str, None] = dict.fromkeys(key for key, _ in objectives)
     param_keys: dict[str, None] = {}
     extra_keys: dict[str, None] = {}
@@ -429,26 +440,10 @@ def _flat_rows(
         row["pipeline"] = json.dumps(jsonable(pipeline)) if pipeline else None
         row["error"] = trial.get("error")
         rows.append(row)
-    columns = list(rows[0]) if rows else []
-    return rows, columns
-
-
-def _write_trials_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
-    # As `tables.write_csv` does (missing values as empty cells, integers stay integers), with
-    # the sweep's own column order: trial identity first, then values, metrics and params.
-    frame = pd.DataFrame([jsonable(r) for r in rows], columns=columns, dtype=object)
-    frame.to_csv(path, index=False)
-    logger.info("wrote %s (%d rows)", path, len(frame))
-    return path
+    return rows
 
 
 # ---------------------------------------------------------------- plots
-
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def front_plot(
@@ -466,7 +461,7 @@ def front_plot(
     trials labelled by name. None when no trial has both values."""
     points = []
     for trial in trials:
-        x, y = _metric(trial, x_key), _metric(trial, y_key)
+        x, y = trial_value(trial, x_key), trial_value(trial, y_key)
         if _complete(trial) and x is not None and y is not None:
             if math.isfinite(x) and math.isfinite(y):
                 points.append((x / x_scale, y, trial))
@@ -475,7 +470,7 @@ def front_plot(
         return None
     feasible = [p for p in points if _feasible(p[2])]
     infeasible = [p for p in points if not _feasible(p[2])]
-    on_front = {id(feasible[i][2]) for i in pareto_front([(x, y) for x, y, _ in feasible])}
+    on_front = set(pareto_front([(x, y) for x, y, _ in feasible]))
 
     fig = Figure(figsize=(6.4, 4.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -485,42 +480,30 @@ def front_plot(
     ax.set_ylabel(y_label)
     ax.grid(alpha=0.3)
     ax.set_axisbelow(True)
-    rest = [p for p in feasible if id(p[2]) not in on_front]
-    front = sorted((p for p in feasible if id(p[2]) in on_front), key=lambda p: (p[0], p[1]))
-    if rest:
-        ax.scatter(
-            [p[0] for p in rest],
-            [p[1] for p in rest],
-            s=22,
-            color=_BLUE,
-            alpha=0.6,
-            label="feasible trial",
-        )
-    if infeasible:
-        ax.scatter(
-            [p[0] for p in infeasible],
-            [p[1] for p in infeasible],
-            s=26,
-            marker="x",
-            color=_GREY,
-            label="infeasible trial",
-        )
+
+    def dots(ps: list, **style: Any) -> None:
+        if ps:
+            ax.scatter([p[0] for p in ps], [p[1] for p in ps], **style)
+
+    front = sorted((feasible[i] for i in on_front), key=lambda p: (p[0], p[1]))
+    rest = [p for i, p in enumerate(feasible) if i not in on_front]
+    dots(rest, s=22, color=_BLUE, alpha=0.6, label="feasible trial")
+    dots(infeasible, s=26, marker="x", color=_GREY, label="infeasible trial")
     if front:
         xs, ys = [p[0] for p in front], [p[1] for p in front]
         ax.step(xs, ys, where="post", color=_RED, linewidth=1.4, label="2-D Pareto front")
-        ax.scatter(xs, ys, s=34, color=_RED, zorder=3)
+        dots(front, s=34, color=_RED, zorder=3)
     seeds = [p for p in points if p[2].get("seed") is not None]
+    dots(
+        seeds,
+        s=90,
+        facecolors="none",
+        edgecolors="black",
+        linewidths=1.0,
+        zorder=4,
+        label="seeded variant",
+    )
     if seeds:
-        ax.scatter(
-            [p[0] for p in seeds],
-            [p[1] for p in seeds],
-            s=90,
-            facecolors="none",
-            edgecolors="black",
-            linewidths=1.0,
-            zorder=4,
-            label="seeded variant",
-        )
         for x, y, trial in seeds:
             ax.annotate(
                 str(trial.get("seed")),
@@ -531,8 +514,7 @@ def front_plot(
                 parse_math=False,
             )
     ax.margins(0.08)
-    fig.legend(loc="outside lower center", ncols=4, fontsize="small", frameon=False)
-    return _png(fig)
+    return legend_png(fig)
 
 
 def importance_chart(
@@ -570,8 +552,7 @@ def importance_chart(
     ax.invert_yaxis()  # most important on top
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    fig.legend(loc="outside lower center", ncols=4, fontsize="small", frameon=False)
-    return _png(fig)
+    return legend_png(fig)
 
 
 def _params_by_importance(series: Mapping[str, Mapping[str, float]]) -> list[str]:
@@ -593,7 +574,7 @@ def _summary_html(
     trials: Sequence[Mapping[str, Any]],
     objectives: Sequence[tuple[str, str]],
     constraints: Sequence[Mapping[str, Any]],
-    front: list[int],
+    analysis: SweepAnalysis,
 ) -> str:
     states = Counter(str(t.get("state")) for t in trials)
     order = [s for s in _STATES if s in states] + sorted(s for s in states if s not in _STATES)
@@ -610,7 +591,7 @@ def _summary_html(
         {"item": "workers", "value": ", ".join(workers) or None},
         {
             "item": "Pareto front: configurations (trials)",
-            "value": f"{len(distinct_front(trials, front))} ({len(front)})",
+            "value": f"{len(analysis.distinct)} ({len(analysis.front)})",
         },
     ]
     constraint_text = "; ".join(_constraint_text(c) for c in constraints) or "none"
@@ -618,29 +599,20 @@ def _summary_html(
 
     baseline = _baseline(trials)
     best_rows = []
-    for key, label in objectives:
-        eligible = [t for t in trials if _front_eligible(t, [key])]
-        if not eligible:
+    bests = recommend(trials, [{"name": label, "minimize": key} for key, label in objectives])
+    for (key, label), best in zip(objectives, bests):
+        if best["trial"] is None:
             best_rows.append({"objective": label, "trial": "none"})
             continue
-        best = min(
-            eligible,
-            key=lambda t: (
-                trial_value(t, key),
-                _metric(t, "perplexity") if _metric(t, "perplexity") is not None else math.inf,
-                t.get("number", 0),
-            ),
-        )
-        value = trial_value(best, key)
         ref = trial_value(baseline, key) if baseline is not None else None
         best_rows.append(
             {
                 "objective": label,
-                "best value": _cell(value),
-                "× baseline": None if _is_ratio(key) else _ratio(value, ref),
-                "trial": f"#{best.get('number')}",
+                "best value": _cell(best["value"]),
+                "× baseline": None if _is_ratio(key) else ratio(best["value"], ref),
+                "trial": f"#{best['trial']}",
                 "variant": _kind(best),
-                "stages": best.get("stages") or "(baseline)",
+                "stages": best["stages"] or "(baseline)",
             }
         )
     return (
@@ -657,12 +629,7 @@ def _summary_html(
 
 
 def _constraint_text(constraint: Mapping[str, Any]) -> str:
-    parts = []
-    if "min" in constraint:
-        parts.append(f"≥ {format_value(as_float(constraint['min']))}")
-    if "max" in constraint:
-        parts.append(f"≤ {format_value(as_float(constraint['max']))}")
-    return f"{constraint.get('metric')} {' and '.join(parts)}".strip()
+    return f"{constraint.get('metric')} ≤ {format_value(as_float(constraint.get('max')))}"
 
 
 def _objective_columns(
@@ -676,20 +643,20 @@ def _objective_columns(
         ref = trial_value(baseline, key) if baseline is not None else None
         cells[label] = _cell(value)
         if not _is_ratio(key):
-            cells[f"{label} × baseline"] = _ratio(value, ref)
+            cells[f"{label} × baseline"] = ratio(value, ref)
     return cells
 
 
 def _front_html(
     trials: Sequence[Mapping[str, Any]],
     objectives: Sequence[tuple[str, str]],
-    front: list[int],
+    analysis: SweepAnalysis,
 ) -> str:
-    if not front:
+    if not analysis.front:
         return _p("No trial is on the front: no COMPLETE, feasible trial has every objective.")
     baseline = _baseline(trials)
-    members = set(distinct_front(trials, front))
-    repeated = repeats(trials)
+    members = set(analysis.distinct)
+    repeated = analysis.repeated
     records = []
     for trial in trials:
         if trial.get("number") in members:
@@ -723,9 +690,7 @@ def _recommendations_html(picks: Sequence[Mapping[str, Any]]) -> str:
                 "recommendation": pick["name"],
                 "criteria": pick["criteria"],
                 "pick": f"#{pick['trial']}" if found else "none",
-                "variant": (f"seed: {pick['seed']}" if pick["seed"] is not None else "sampled")
-                if found
-                else None,
+                "variant": _kind(pick) if found else None,
                 "stages": (pick["stages"] or "(baseline)") if found else pick["note"],
                 "minimised value": _cell(pick["value"]),
                 "perplexity": pick["perplexity"],
@@ -743,7 +708,6 @@ def _seed_html(
 ) -> str:
     if not comparison:
         return _p("No seeded trials.")
-    keys = [key for key, _ in objectives]
     summary = []
     pairs = []
     for row in comparison:
@@ -774,9 +738,7 @@ def _seed_html(
                 "sampled trial": f"#{d['trial']}",
                 "sampled stages": d["stages"],
             }
-            pair.update(
-                {f"{label} ratio": d["ratios"][k] for k, (_, label) in zip(keys, objectives)}
-            )
+            pair.update({f"{label} ratio": d["ratios"][k] for k, label in objectives})
             pair["geometric mean ratio"] = d["geomean_ratio"]
             pairs.append(pair)
         if len(beaten) > 5:
@@ -827,9 +789,8 @@ def _importance_html(
 def _trials_html(
     trials: Sequence[Mapping[str, Any]],
     objectives: Sequence[tuple[str, str]],
-    front: list[int],
+    members: set[int],
 ) -> str:
-    members = set(front)
     objective_keys = {key for key, _ in objectives}
     param_keys: dict[str, None] = {}
     for trial in trials:
@@ -855,7 +816,7 @@ def _trials_html(
             "bits_per_weight",
         ):
             if key not in objective_keys:
-                record[key] = _metric(trial, key)
+                record[key] = trial_value(trial, key)
         record.update({f"param.{k}": params.get(k) for k in param_keys})
         record["cached from"] = trial.get("cached_from")
         record["seconds"] = as_float(trial.get("seconds"))
@@ -887,19 +848,13 @@ def _failed_html(trials: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def _variant_name(trial: Mapping[str, Any]) -> str:
-    seed = trial.get("seed")
-    raw = f"{seed}" if seed is not None else f"trial-{trial.get('number')}"
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", raw).strip("-.") or f"trial-{trial.get('number')}"
-    return name[:64]
-
-
-def front_variants_yaml(trials: Sequence[Mapping[str, Any]], front: Sequence[int]) -> str:
+def front_variants_yaml(trials: Sequence[Mapping[str, Any]], analysis: SweepAnalysis) -> str:
     """The front's configurations as recipe `variants:` entries (YAML), one commented block
-    each (repeats of a configuration are named in its comment, not listed again); trials
-    without a pipeline (the baseline) are listed as comments only."""
-    members = set(distinct_front(trials, front))
-    repeated = repeats(trials)
+    each (repeats of a configuration are named in its comment, not listed again), named after
+    their seed (a valid variant name: the recipe checks it) or trial; trials without a
+    pipeline (the baseline) are listed as comments only."""
+    members = set(analysis.distinct)
+    repeated = analysis.repeated
     blocks = []
     for trial in trials:
         if trial.get("number") not in members:
@@ -912,7 +867,8 @@ def front_variants_yaml(trials: Sequence[Mapping[str, Any]], front: Sequence[int
         if not pipeline:
             blocks.append(f"{comment}\n#   no pipeline: nothing to paste\n")
             continue
-        entry = [{"name": _variant_name(trial), "pipeline": pipeline}]
+        name = trial.get("seed") or f"trial-{trial.get('number')}"
+        entry = [{"name": str(name), "pipeline": pipeline}]
         body = yaml.safe_dump(entry, sort_keys=False, default_flow_style=None, width=96)
         blocks.append(f"{comment}\n{body}")
     return "\n".join(blocks)
@@ -958,6 +914,7 @@ def write_sweep_report(
     meta: Mapping[str, Any],
     definitions: Mapping[str, str],
     environment: Mapping[str, str],
+    analysis: SweepAnalysis | None = None,
 ) -> dict[str, Path]:
     """Write a sweep's report into `out_dir` (created if needed) and return the file paths
     (keys "csv", "json", "html").
@@ -969,7 +926,8 @@ def write_sweep_report(
     `worker`, `config_key` (trials with the same one are the same configuration) and the flat
     metrics of `METRIC_KEYS`; anything may be missing.
     `objectives`: (metric key, label) pairs, all minimised. `importances`: objective key ->
-    {param: importance}; when empty the page shows `importance_note`.
+    {param: importance}; when empty the page shows `importance_note`. `analysis`:
+    `analyse(trials, objectives, recommendations)`, if the caller has it already.
     """
     if not objectives:
         raise ValueError("objectives: at least one (metric key, label) pair is required")
@@ -980,35 +938,33 @@ def write_sweep_report(
         "json": out_dir / "trials.json",
         "html": out_dir / "report.html",
     }
-    front = pareto_trials(trials, objectives)
-    picks = recommend(trials, recommendations)
-    comparison = seed_comparison(trials, objectives)
-    covered = [r["covered_by_front"] for r in comparison if r["covered_by_front"] is not None]
+    a = analysis or analyse(trials, objectives, recommendations)
+    covered = [r["covered_by_front"] for r in a.comparison if r["covered_by_front"] is not None]
+    front_set = set(a.front)
 
-    rows, columns = _flat_rows(trials, objectives, set(front))
-    _write_trials_csv(paths["csv"], rows, columns)
+    rows = _flat_rows(trials, objectives, front_set)
+    write_csv(paths["csv"], rows, columns=list(rows[0]) if rows else [])
 
     sweep_meta = {
         "objectives": [list(o) for o in objectives],
         "constraints": list(constraints),
-        "front": front,
-        "front_configurations": distinct_front(trials, front),
-        "repeats": {str(k): v for k, v in repeats(trials).items()},
-        "recommendations": picks,
-        "seed_comparison": comparison,
+        "front": a.front,
+        "front_configurations": a.distinct,
+        "repeats": {str(k): v for k, v in a.repeated.items()},
+        "recommendations": a.picks,
+        "seed_comparison": a.comparison,
         "front_covers_seeds": all(covered),
         "importances": dict(importances),
         "importance_note": importance_note,
     }
-    front_set = set(front)
     json_rows = [dict(t, on_front=t.get("number") in front_set) for t in trials]
     write_json(paths["json"], json_rows, {**dict(meta), "sweep": sweep_meta})
 
     failed = [t for t in trials if t.get("state") == "FAIL"]
-    snippet = front_variants_yaml(trials, front)
+    snippet = front_variants_yaml(trials, a)
     charts = front_plots(trials)
     sections = [
-        ("Summary", _summary_html(trials, objectives, constraints, front)),
+        ("Summary", _summary_html(trials, objectives, constraints, a)),
         (
             "Pareto front plots",
             _charts_html(charts)
@@ -1019,11 +975,11 @@ def write_sweep_report(
             if charts
             else _p("No trial has perplexity with latency ratio or weight bytes: no plots."),
         ),
-        ("Pareto front (all objectives)", _front_html(trials, objectives, front)),
-        ("Recommendations", _recommendations_html(picks)),
-        ("Seeded variants vs sampled variants", _seed_html(comparison, objectives)),
+        ("Pareto front (all objectives)", _front_html(trials, objectives, a)),
+        ("Recommendations", _recommendations_html(a.picks)),
+        ("Seeded variants vs sampled variants", _seed_html(a.comparison, objectives)),
         ("Parameter importances", _importance_html(importances, objectives, importance_note)),
-        ("All trials", _trials_html(trials, objectives, front)),
+        ("All trials", _trials_html(trials, objectives, front_set)),
     ]
     if failed:
         sections.append((f"Failed trials ({len(failed)})", _failed_html(failed)))
@@ -1040,28 +996,21 @@ def write_sweep_report(
         recipe_text=recipe_text,
         definitions=definitions,
         environment=environment,
-        css="h3 { font-size: 1.05em; }",
     )
     paths["html"].write_text(page, encoding="utf-8")
     logger.info(
-        "sweep report written to %s: %d trials, %d on the front", out_dir, len(trials), len(front)
+        "sweep report written to %s: %d trials, %d on the front", out_dir, len(trials), len(a.front)
     )
     return paths
 
 
 __all__ = [
     "METRIC_KEYS",
-    "front_plot",
-    "front_plots",
-    "front_variants_yaml",
-    "importance_chart",
-    "distinct_front",
+    "SweepAnalysis",
+    "analyse",
     "pareto_front",
     "pareto_trials",
     "recommend",
-    "repeats",
-    "search_params",
     "seed_comparison",
-    "trial_value",
     "write_sweep_report",
 ]

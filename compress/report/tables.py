@@ -56,7 +56,8 @@ def as_float(value: Any) -> float | None:
     return None if math.isnan(out) else out
 
 
-def _ratio(num: Any, den: Any) -> float | None:
+def ratio(num: Any, den: Any) -> float | None:
+    """num / den as a float; None when either is missing (None/NaN) or den is 0."""
     a, b = as_float(num), as_float(den)
     if a is None or b is None or b == 0:
         return None
@@ -79,8 +80,8 @@ def add_ratios(rows: Sequence[dict], metrics: Iterable[str] = RATIO_METRICS) -> 
     for row in rows:
         new = dict(row)
         for metric in metrics:
-            new[f"{metric}_ratio"] = _ratio(row.get(metric), baseline.get(metric))
-        new[QUANTIZED_RATIO] = _ratio(
+            new[f"{metric}_ratio"] = ratio(row.get(metric), baseline.get(metric))
+        new[QUANTIZED_RATIO] = ratio(
             row.get("quantized_layer_bytes"), row.get("quantized_layer_fp32_bytes")
         )
         out.append(new)
@@ -104,15 +105,18 @@ def ordered_columns(rows: Sequence[dict]) -> list[str]:
     return cols
 
 
-def write_csv(path: str | Path, rows: Sequence[dict]) -> Path:
-    """Write one CSV line per variant, in the given order (baseline first).
+def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
+    """Write one CSV line per row, in the given order (a run's: baseline first).
 
-    Missing values are written as empty cells; integers stay integers.
+    Missing values are written as empty cells; integers stay integers. `columns` defaults to
+    `ordered_columns(rows)`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(
-        [jsonable(row) for row in rows], columns=ordered_columns(rows), dtype=object
+        [jsonable(row) for row in rows],
+        columns=list(columns) if columns is not None else ordered_columns(rows),
+        dtype=object,
     )
     frame.to_csv(path, index=False)
     logger.info("wrote %s (%d rows)", path, len(frame))

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from compress import gate
 from compress.recipe import Recipe
+from compress.report.sweep import METRIC_KEYS, SweepAnalysis, analyse, write_sweep_report
 from compress.sweep.runner import (
     INIT_ATTR,
     READY_ATTR,
@@ -57,6 +58,7 @@ class SweepOutcome:
     ran: int  # trials finished by this invocation
     interrupted: bool
     failed_workers: list[str]  # local workers that stopped with an error, as "worker i (exit c)"
+    analysis: SweepAnalysis  # the report's front, repeats and recommendations
 
 
 def collect_trials(study: optuna.Study, spec: SweepSpec) -> list[dict]:
@@ -90,20 +92,18 @@ def collect_trials(study: optuna.Study, spec: SweepSpec) -> list[dict]:
             "worker": a.get("worker"),
             "config_key": a.get("config_key"),
         }
-        for key in METRICS:
-            record.setdefault(key, a.get(key))
-        for key in ("latency_baseline_ms", "latency_iqr_ms", "sparsity", "bits_per_weight"):
-            record[key] = a.get(key)
+        record.update({key: a.get(key) for key in METRIC_KEYS})
         out.append(record)
     return out
 
 
-def importances(study: optuna.Study, spec: SweepSpec) -> tuple[dict[str, dict[str, float]], str]:
-    """fANOVA importance of each parameter for each objective, over the completed trials and
-    the parameters that all of them have (Optuna's rule for conditional spaces)."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    if len(done) < 4:
-        return {}, f"needs at least 4 completed trials, the study has {len(done)}"
+def importances(
+    study: optuna.Study, spec: SweepSpec, complete: int
+) -> tuple[dict[str, dict[str, float]], str]:
+    """fANOVA importance of each parameter for each objective, over the `complete` completed
+    trials and the parameters that all of them have (Optuna's rule for conditional spaces)."""
+    if complete < 4:
+        return {}, f"needs at least 4 completed trials, the study has {complete}"
     out: dict[str, dict[str, float]] = {}
     note = ""
     for i, metric in enumerate(spec.objectives):
@@ -135,15 +135,18 @@ def _recipe_text(recipe: Recipe) -> str:
 
 def write_report(
     study: optuna.Study, recipe: Recipe, out_dir: Path, storage: str, meta: dict
-) -> tuple[list[dict], dict[str, Path]]:
+) -> tuple[list[dict], dict[str, Path], SweepAnalysis]:
     from compress.evaluate import DEFINITIONS
-    from compress.report import write_sweep_report
     from compress.workbench import environment
 
     spec = recipe.sweep
     assert spec is not None
     trials = collect_trials(study, spec)
-    imp, note = importances(study, spec)
+    complete = sum(t["state"] == TrialState.COMPLETE.name for t in trials)
+    imp, note = importances(study, spec, complete)
+    objectives = [(m, METRICS[m]) for m in spec.objectives]
+    recommendations = [r.model_dump() for r in default_recommendations(spec)]
+    analysis = analyse(trials, objectives, recommendations)
     definitions = {
         **DEFINITIONS,
         "latency_ratio": "median forward latency of the variant divided by the baseline's, both "
@@ -158,17 +161,18 @@ def write_report(
         out_dir,
         trials,
         name=study.study_name,
-        objectives=[(m, METRICS[m]) for m in spec.objectives],
+        objectives=objectives,
         constraints=[c.model_dump() for c in spec.constraints],
-        recommendations=[r.model_dump() for r in default_recommendations(spec)],
+        recommendations=recommendations,
         importances=imp,
         importance_note=note,
         recipe_text=_recipe_text(recipe),
         meta={**meta, "storage": mask_url(storage), "study": study.study_name},
         definitions=definitions,
         environment=environment(),
+        analysis=analysis,
     )
-    return trials, paths
+    return trials, paths, analysis
 
 
 def write_pointer(out_dir: Path, storage: str, name: str) -> Path:
@@ -305,15 +309,13 @@ def run_sweep(
         "interrupted": interrupted,
         "failed_workers": failed_workers,
     }
-    trials, paths = write_report(st, recipe, out_dir, url, meta)
+    trials, paths, analysis = write_report(st, recipe, out_dir, url, meta)
     rdb.engine.dispose()
-    return SweepOutcome(st, trials, url, paths, seconds, ran, interrupted, failed_workers)
+    return SweepOutcome(st, trials, url, paths, seconds, ran, interrupted, failed_workers, analysis)
 
 
 def summary(outcome: SweepOutcome, spec: SweepSpec) -> str:
     """Plain-text summary for the terminal: counts, the front, the recommendations."""
-    from compress.report.sweep import distinct_front, pareto_trials, recommend
-
     trials = outcome.trials
     states: dict[str, int] = {}
     for t in trials:
@@ -341,10 +343,9 @@ def summary(outcome: SweepOutcome, spec: SweepSpec) -> str:
             f"stopped by {why} at {done} of {spec.trials} completed trials: "
             "run the same command again to continue"
         )
-    objectives = [(m, METRICS[m]) for m in spec.objectives]
-    front = pareto_trials(trials, objectives)
+    front = outcome.analysis.front
     by_number = {t["number"]: t for t in trials}
-    firsts = distinct_front(trials, front)  # a configuration may recur as reused trials
+    firsts = outcome.analysis.distinct  # a configuration may recur as reused trials
     lines.append(
         f"Pareto front ({len(firsts)} configurations in {len(front)} trials; "
         f"objectives: {', '.join(spec.objectives)}):"
@@ -354,7 +355,7 @@ def summary(outcome: SweepOutcome, spec: SweepSpec) -> str:
         vals = "  ".join(_short(m, t.get(m)) for m in spec.objectives)
         who = t.get("seed") or "sampled"
         lines.append(f"  trial {n:>3} [{who}] {vals}  {t.get('stages') or 'baseline'}")
-    recs = recommend(trials, [r.model_dump() for r in default_recommendations(spec)])
+    recs = outcome.analysis.picks
     if recs:
         lines.append("recommended:")
         for r in recs:

@@ -50,6 +50,7 @@ from compress.dashboard import mask_url
 from compress.errors import CompressError
 from compress.evaluate.latency import interleaved_latency
 from compress.recipe import Recipe, VariantSpec
+from compress.report.tables import add_ratios, jsonable
 from compress.sweep.space import ParamSpec, SweepSpec, defaults, is_active, resolve
 from compress.workbench import Workspace, build_variant, measure_static
 
@@ -162,28 +163,23 @@ def make_sampler(spec: SweepSpec, seed: int) -> optuna.samplers.BaseSampler:
         )
 
 
+def violations(spec: SweepSpec, attrs: dict) -> list[float]:
+    """How far a trial's metrics (its user attrs) exceed each constraint, by Optuna's
+    convention: a value <= 0 means the constraint holds; a missing metric violates it."""
+    out = []
+    for c in spec.constraints:
+        value = attrs.get(c.metric)
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        out.append(float(value) - c.max if ok else 1e30)
+    return out
+
+
 def constraints_func(spec: SweepSpec) -> Callable[[FrozenTrial], list[float]]:
-    """Optuna's convention: a value <= 0 means the constraint holds."""
-    limits = [(c.metric, c.max) for c in spec.constraints]
-
-    def evaluate(trial: FrozenTrial) -> list[float]:
-        out = []
-        for metric, limit in limits:
-            value = trial.user_attrs.get(metric)
-            ok = isinstance(value, (int, float)) and math.isfinite(value)
-            out.append(float(value) - limit if ok else 1e30)
-        return out
-
-    return evaluate
+    return lambda trial: violations(spec, trial.user_attrs)
 
 
 def feasible(spec: SweepSpec, attrs: dict) -> bool:
-    return all(v <= 0 for v in constraints_func(spec)(_Attrs(attrs)))  # type: ignore[arg-type]
-
-
-@dataclass
-class _Attrs:
-    user_attrs: dict
+    return all(v <= 0 for v in violations(spec, attrs))
 
 
 def distribution(p: ParamSpec) -> BaseDistribution:
@@ -382,17 +378,13 @@ def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
 
 
 def with_ratios(measured: dict, base: dict) -> dict:
-    """Measured metrics plus their ratios to the baseline's (``params`` is reported as
-    ``param_count``, since a trial's ``params`` are its search parameters)."""
-    out = {("param_count" if k == "params" else k): v for k, v in measured.items()}
-    for key, src in (
-        ("perplexity", "perplexity"),
-        ("weight_bytes", "weight_bytes"),
-        ("param_count", "params"),
-    ):
-        a, b = measured.get(src), base.get(src)
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
-            out[f"{key}_ratio"] = a / b
+    """Measured metrics plus their ratios to the baseline's, as a run's report computes them
+    (``params`` is reported as ``param_count``: a trial's ``params`` are its search
+    parameters)."""
+    out = add_ratios([base, measured], ("perplexity", "weight_bytes", "params"))[1]
+    if "params" in out:
+        out["param_count"] = out.pop("params")
+    out["param_count_ratio"] = out.pop("params_ratio")
     return out
 
 
@@ -441,7 +433,7 @@ def run_trial(w: Worker, trial: optuna.Trial) -> list[float]:
         seconds = time.perf_counter() - start
         attrs = {**metrics, "measured": measured, "cached_from": source, "seconds": seconds}
         for k, v in attrs.items():
-            trial.set_user_attr(k, _jsonable(v))
+            trial.set_user_attr(k, jsonable(v))
         result = objective_values(w.spec, metrics)  # raises on NaN: the trial fails
         if source is None:
             _store_result(key, measured)
@@ -483,7 +475,7 @@ def _attach(
     }
     path = w.out_dir / "artifacts" / f".trial-{number}-{os.getpid()}.json"
     try:
-        path.write_text(json.dumps(_jsonable(doc), indent=1, sort_keys=True))
+        path.write_text(json.dumps(jsonable(doc), indent=1, sort_keys=True))
         upload_artifact(
             artifact_store=w.artifacts,
             file_path=str(path),
@@ -495,12 +487,6 @@ def _attach(
         log.warning("trial %d: could not attach its report: %s", number, exc)
     finally:
         path.unlink(missing_ok=True)
-
-
-def _jsonable(value: Any) -> Any:
-    from compress.report.tables import jsonable
-
-    return jsonable(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,7 +571,7 @@ def initialize(study: optuna.Study, w: Worker, echo: Echo) -> None:
                 values=objective_values(spec, metrics),
                 params=base_values,
                 distributions={k: distribution(spec.params[k]) for k in base_values},
-                user_attrs={k: _jsonable(v) for k, v in attrs.items()},
+                user_attrs={k: jsonable(v) for k, v in attrs.items()},
             )
         )
         _store_result(attrs["config_key"], measured)
