@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import warnings
 from dataclasses import dataclass
@@ -32,12 +31,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compress.errors import CompressError
+from compress.storage import STUDY_FILE, SWEEP_FILE, mask_url, sqlite_url
 
 if TYPE_CHECKING:
     from optuna.storages import RDBStorage
 
-SWEEP_FILE = "sweep.json"
-STUDY_FILE = "study.db"
 SQLITE_HEADER = b"SQLite format 3\x00"
 MASKED_PASSWORD = "***"  # what sqlalchemy's render_as_string(hide_password=True) writes
 CONNECT_TIMEOUT_S = 10  # a PostgreSQL host that does not answer fails fast, not after minutes
@@ -55,20 +53,6 @@ class Source:
     artifact_dir: Path | None
     study_name: str | None  # the study the target names (a sweep), if any
     origin: str  # e.g. "reports/x/sweep.json", for messages
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, for messages."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
-
-
-def sqlite_url(path: Path) -> str:
-    return f"sqlite:///{path.resolve().as_posix()}"
 
 
 def _is_sqlite_file(path: Path) -> bool:
@@ -139,12 +123,12 @@ def _source(target: str | Path) -> Source:
         if path.name == SWEEP_FILE:
             return _read_sweep(path)
         if _is_sqlite_file(path):
-            return Source(sqlite_url(path), None, None, str(path))
+            return Source(sqlite_url(path.resolve()), None, None, str(path))
         raise DashboardError(f"{path}: neither a report folder, a {SWEEP_FILE} nor an SQLite file")
     if (path / SWEEP_FILE).exists():
         return _read_sweep(path / SWEEP_FILE)
     if (path / STUDY_FILE).is_file():
-        return Source(sqlite_url(path / STUDY_FILE), None, None, str(path / STUDY_FILE))
+        return Source(sqlite_url((path / STUDY_FILE).resolve()), None, None, str(path / STUDY_FILE))
     raise DashboardError(
         f"{path}: no {SWEEP_FILE} (a sweep) or {STUDY_FILE} (a run) here; "
         "is it a report folder written by python -m compress.run?"
@@ -242,11 +226,6 @@ def open_storage(src: Source) -> tuple[RDBStorage, list[str]]:
             f"{src.origin}: study {src.study_name!r} is not in {shown} (it holds {held})"
         )
     return storage, names
-
-
-def command_for(report_dir: str | Path) -> str:
-    """The shell one-liner that opens the run in `report_dir` in optuna-dashboard."""
-    return f"python -m compress.dashboard {shlex.quote(str(report_dir))}"
 
 
 def dashboard_url(host: str, port: int) -> str:

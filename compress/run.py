@@ -270,7 +270,7 @@ def run(
 
 
 def run_sweep_cli(recipe: Recipe, args: argparse.Namespace) -> int:
-    from compress.dashboard import command_for
+    from compress.storage import command_for
     from compress.sweep.driver import run_sweep, summary
 
     out_dir = args.report_dir or Path(recipe.report.dir or Path("reports") / recipe.name)

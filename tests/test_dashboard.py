@@ -24,8 +24,9 @@ import pytest
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
-from compress.dashboard import DashboardError, command_for, main, open_storage, resolve
+from compress.dashboard import DashboardError, main, open_storage, resolve
 from compress.dashboard import resolve_source as _resolve_source
+from compress.storage import command_for
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ["perplexity", "latency_ms", "weight_bytes"]

@@ -21,6 +21,7 @@ from compress.report.sweep import (
     write_sweep_report,
 )
 from compress.report.tables import RATIO_METRICS, add_ratios, write_csv, write_json
+from compress.storage import STUDY_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def write_report(
         "csv": out_dir / "results.csv",
         "json": out_dir / "results.json",
         "html": out_dir / "report.html",
-        "study": out_dir / "study.db",
+        "study": out_dir / STUDY_FILE,
     }
     write_csv(paths["csv"], rows)
     write_json(paths["json"], rows, meta)

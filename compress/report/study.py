@@ -16,8 +16,8 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from compress.dashboard import STUDY_FILE, SWEEP_FILE, command_for
 from compress.report.tables import as_float, jsonable
+from compress.storage import STUDY_FILE, SWEEP_FILE, command_for, sqlite_url
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +111,6 @@ def write_study(
         logger.info("wrote study %r (%d trials) to %s", study_name, len(rows), storage)
     finally:
         rdb.engine.dispose()
-
-
-def sqlite_url(db_path: str | Path) -> str:
-    """The SQLAlchemy URL of an SQLite file; a relative path stays relative."""
-    return f"sqlite:///{Path(db_path).as_posix()}"
 
 
 def dashboard_command(path: str | Path) -> str:

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from compress import gate
 from compress.recipe import Recipe
 from compress.report.sweep import METRIC_KEYS, SweepAnalysis, analyse, write_sweep_report
+from compress.storage import ARTIFACT_DIR, SWEEP_FILE, mask_url
 from compress.sweep.runner import (
     INIT_ATTR,
     READY_ATTR,
@@ -32,7 +33,6 @@ from compress.sweep.runner import (
     count,
     feasible,
     initialize,
-    mask_url,
     open_storage,
     open_study,
     requeue_interrupted,
@@ -180,8 +180,8 @@ def write_pointer(out_dir: Path, storage: str, name: str) -> Path:
     password in the URL is recorded masked (the dashboard then uses PGPASSWORD or .pgpass):
     a report folder gets shared, a database password must not travel with it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "sweep.json"
-    doc = {"storage": mask_url(storage), "study_name": name, "artifact_dir": "artifacts"}
+    path = out_dir / SWEEP_FILE
+    doc = {"storage": mask_url(storage), "study_name": name, "artifact_dir": ARTIFACT_DIR}
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
 

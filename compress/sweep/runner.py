@@ -46,11 +46,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from compress import __version__, gate
 from compress.cache import cache_dir, stable_hash
-from compress.dashboard import mask_url
 from compress.errors import CompressError
 from compress.evaluate.latency import interleaved_latency
 from compress.recipe import Recipe, VariantSpec
 from compress.report.tables import add_ratios, jsonable
+from compress.storage import ARTIFACT_DIR, mask_url
 from compress.sweep.space import ParamSpec, SweepSpec, defaults, is_active, resolve
 from compress.workbench import Workspace, build_variant, measure_static
 
@@ -242,7 +242,7 @@ class Worker:
     def __post_init__(self) -> None:
         from optuna.artifacts import FileSystemArtifactStore
 
-        art_dir = self.out_dir / "artifacts"
+        art_dir = self.out_dir / ARTIFACT_DIR
         art_dir.mkdir(parents=True, exist_ok=True)
         self.artifacts = FileSystemArtifactStore(str(art_dir))
 
@@ -473,7 +473,7 @@ def _attach(
         "cached_from": source,
         "details": details,
     }
-    path = w.out_dir / "artifacts" / f".trial-{number}-{os.getpid()}.json"
+    path = w.out_dir / ARTIFACT_DIR / f".trial-{number}-{os.getpid()}.json"
     try:
         path.write_text(json.dumps(jsonable(doc), indent=1, sort_keys=True))
         upload_artifact(
