@@ -186,6 +186,14 @@ def write_pointer(out_dir: Path, storage: str, name: str) -> Path:
     return path
 
 
+def _fail_stale(study: optuna.Study) -> None:
+    """Fail the trials whose worker stopped heartbeating (each is queued again by the
+    storage's retry callback, see runner.open_storage)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def run_sweep(
     recipe: Recipe,
     recipe_path: Path,
@@ -235,9 +243,7 @@ def run_sweep(
                     recipe, spec, ws, out_dir, "init", latency_threads, keep_checkpoints, echo
                 )
                 initialize(st, w, echo)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(st)
+        _fail_stale(st)
         if n := requeue_interrupted(st):
             echo(f"queued {n} interrupted trial(s) again")
         done = count(st, TrialState.COMPLETE)
@@ -294,9 +300,7 @@ def run_sweep(
         gate.install(None)
     st = optuna.load_study(study_name=name, storage=rdb)
     if opened:  # a trial of a worker that died late in the sweep: failed and queued again
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(st)
+        _fail_stale(st)
     seconds = time.perf_counter() - start
     ran = count(st, TrialState.COMPLETE, TrialState.FAIL) - before
     meta = {

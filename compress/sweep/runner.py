@@ -267,11 +267,17 @@ def _result_path(key: str) -> Path:
     return cache_dir() / "sweep-results" / key[:2] / f"{key}.json"
 
 
-def cached_result(study: optuna.Study, key: str) -> tuple[dict | None, str | None]:
-    """A finished measurement of the same resolved config: from this study (any machine), else
-    from this machine's result cache."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.user_attrs.get("config_key") == key:
+def earlier_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's finished trials that `failed_before` and `cached_result` look through (one
+    read of the storage for both)."""
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+
+
+def cached_result(earlier: list[FrozenTrial], key: str) -> tuple[dict | None, str | None]:
+    """A finished measurement of the same resolved config: from the study's `earlier_trials`
+    (any machine), else from this machine's result cache."""
+    for t in earlier:
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("config_key") == key:
             metrics = t.user_attrs.get("measured")
             if isinstance(metrics, dict):
                 return dict(metrics), f"trial {t.number}"
@@ -284,14 +290,16 @@ def cached_result(study: optuna.Study, key: str) -> tuple[dict | None, str | Non
     return None, None
 
 
-def failed_before(study: optuna.Study, key: str) -> tuple[int, str] | None:
+def failed_before(earlier: list[FrozenTrial], key: str) -> tuple[int, str] | None:
     """An earlier trial of the same resolved config that failed for a reason of its own (not
     Ctrl-C, not a killed worker). Its repeats are recorded as pruned, not measured again:
     Optuna's samplers ignore failed trials but learn from pruned ones, so without this a
     sampler can propose a failing configuration over and over."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+    for t in earlier:
         a = t.user_attrs
-        if a.get("config_key") == key and a.get("error") and not a.get("interrupted"):
+        if t.state != TrialState.FAIL or a.get("config_key") != key:
+            continue
+        if a.get("error") and not a.get("interrupted"):
             return t.number, str(a["error"])
     return None
 
@@ -399,6 +407,9 @@ def objective_values(spec: SweepSpec, metrics: dict) -> list[float]:
 
 
 def describe(pipeline: list[dict]) -> str:
+    """``prune(sparsity=0.5) -> int8``: every setting the trial's pipeline gives, defaults
+    included (a run's report shows only non-default settings; in a sweep the values the
+    trial chose are the point)."""
     parts = []
     for stage in pipeline:
         ((name, settings),) = stage.items()
@@ -421,11 +432,12 @@ def run_trial(w: Worker, trial: optuna.Trial) -> list[float]:
         trial.set_user_attr("config_key", key)
         trial.set_user_attr("pipeline", pipeline)
         trial.set_user_attr("stages", describe(pipeline))
-        if failure := failed_before(trial.study, key):
+        earlier = earlier_trials(trial.study)
+        if failure := failed_before(earlier, key):
             number, error = failure
             trial.set_user_attr("error", f"not measured again: trial {number} failed ({error})")
             raise optuna.TrialPruned(f"configuration failed in trial {number}")
-        measured, source = cached_result(trial.study, key)
+        measured, source = cached_result(earlier, key)
         details: dict = {}
         if measured is None:
             measured, details = measure(w, trial.number, pipeline)
@@ -667,9 +679,9 @@ def sampler_seed(recipe: Recipe, index: int, created: bool) -> int:
     return int(stable_hash([seed, socket.gethostname(), os.getpid(), index], 8), 16)
 
 
-def trial_line(study: optuna.Study, trial: FrozenTrial, spec: SweepSpec, worker: str) -> str:
+def trial_line(trial: FrozenTrial, spec: SweepSpec, worker: str, done: int) -> str:
+    """The terminal line for a finished trial; `done` is the study's completed trials."""
     a = trial.user_attrs
-    done = count(study, TrialState.COMPLETE)
     head = f"[{done}/{spec.trials}] trial {trial.number} ({worker})"
     what = a.get("stages") or "baseline"
     if a.get("seed"):
@@ -722,17 +734,17 @@ def run_worker(
     max_failures = spec.max_failures or spec.trials
 
     def after(study: optuna.Study, trial: FrozenTrial) -> None:
-        echo(trial_line(study, trial, spec, worker_id))
-        done = count(study, TrialState.COMPLETE)
+        trials = study.get_trials(deepcopy=False)  # one read for the line and both limits
+        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        echo(trial_line(trial, spec, worker_id, done))
         if done >= spec.trials:
             study.stop()
-        failed = [
-            t
-            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL, TrialState.PRUNED))
-            if not t.user_attrs.get("interrupted")
-        ]
-        if len(failed) >= max_failures:
-            echo(f"stopping: {len(failed)} trials failed (sweep.max_failures {max_failures})")
+        failed = sum(
+            t.state in (TrialState.FAIL, TrialState.PRUNED) and not t.user_attrs.get("interrupted")
+            for t in trials
+        )
+        if failed >= max_failures:
+            echo(f"stopping: {failed} trials failed (sweep.max_failures {max_failures})")
             study.stop()
 
     timeout = spec.timeout_minutes * 60 if spec.timeout_minutes else None

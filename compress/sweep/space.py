@@ -74,10 +74,7 @@ class ParamSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> ParamSpec:
-        kinds = [
-            k for k, v in (("float", self.float_), ("int", self.int_), ("choice", self.choice))
-        ]
-        given = [k for k, v in zip(kinds, (self.float_, self.int_, self.choice)) if v is not None]
+        given = [v for v in (self.float_, self.int_, self.choice) if v is not None]
         if len(given) != 1:
             raise ValueError(
                 "give exactly one of float: [low, high], int: [low, high], choice: [..]"
