@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,7 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import TINY_RECIPE
+from tests.conftest import REPO, TINY_RECIPE
 
 SWEEP: dict = {
     "trials": 8,
@@ -53,6 +55,34 @@ def slow_sweep_recipe(**sweep_overrides) -> dict:
     )
     sweep["seeds"]["prune50"]["steps"] = 20
     return recipe
+
+
+def start_sweep(recipe: Path, out: Path, *extra: str, **popen) -> subprocess.Popen:
+    """``python -m compress.run RECIPE --report-dir OUT --no-progress EXTRA`` in a child
+    process started in OUT's parent, its stdout and stderr together in one text pipe."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "compress.run",
+            str(recipe),
+            "--report-dir",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        cwd=out.parent,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def sweep_study(out: Path, name: str = "tiny-sweep") -> optuna.Study:
+    """The study of the sweep whose report folder (with its sweep.db) is `out`."""
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'sweep.db'}")
 
 
 def running_trial(

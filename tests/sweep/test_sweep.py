@@ -7,9 +7,8 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -19,15 +18,19 @@ from optuna.trial import TrialState
 
 from compress import run as run_mod
 from compress.sweep import runner
-from tests.sweep.conftest import running_trial, slow_sweep_recipe, sweep_recipe, write_recipe
+from tests.sweep.conftest import (
+    running_trial,
+    slow_sweep_recipe,
+    start_sweep,
+    sweep_recipe,
+    sweep_study,
+    write_recipe,
+)
 
 REPO = Path(__file__).resolve().parents[2]
+
 REAL_MEASURE = runner.measure
 REAL_RUN_WORKER = runner.run_worker
-
-
-def _study(out: Path, name: str = "tiny-sweep") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'sweep.db'}")
 
 
 def _count_measure(monkeypatch: pytest.MonkeyPatch, fail=None) -> list[list[dict]]:
@@ -54,7 +57,7 @@ def test_sweep_seeds_resumes_and_never_recomputes(
     out = tmp_path / "report"
     calls = _count_measure(monkeypatch)
     assert run_mod.main([str(sweep_file), "--report-dir", str(out), "--no-progress"]) == 0
-    study = _study(out)
+    study = sweep_study(out)
     trials = study.get_trials()
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(done) == 8 and len(trials) == 8
@@ -111,9 +114,11 @@ def test_sweep_seeds_resumes_and_never_recomputes(
     # re-running a finished sweep measures nothing and adds no trial
     monkeypatch.setattr(runner, "measure", _boom)
     assert run_mod.main([str(sweep_file), "--report-dir", str(out), "--no-progress"]) == 0
-    assert len(_study(out).trials) == 8
+    assert len(sweep_study(out).trials) == 8
 
-    # raising the budget continues the same study; earlier trials are left as they were
+    # raising the budget continues the same study; earlier trials are left as they were, and
+    # a configuration proposed again (here: int8's, queued by hand) reuses its result
+    sweep_study(out).enqueue_trial(t1.params)
     bigger = write_recipe(tmp_path / "more.yaml", sweep_recipe(trials=11))
     calls = _count_measure(monkeypatch)
     assert (
@@ -122,11 +127,13 @@ def test_sweep_seeds_resumes_and_never_recomputes(
         )
         == 0
     )
-    again = _study(out).get_trials()
+    again = sweep_study(out).get_trials()
     assert len([t for t in again if t.state == TrialState.COMPLETE]) == 11
     assert [t.values for t in again[:8]] == [t.values for t in trials]
-    known = set(keys)
-    assert all(runner.config_key(_ws(), p) not in known for p in calls)
+    assert again[8].params == t1.params and again[8].user_attrs["cached_from"] == "trial 1"
+    assert again[8].values == t1.values
+    known, ws = set(keys), _ws()
+    assert calls and all(runner.config_key(ws, p) not in known for p in calls)
 
 
 def _ws():
@@ -154,7 +161,7 @@ def test_failures_and_nan_are_recorded_and_the_sweep_goes_on(
     out = tmp_path / "report"
     path = write_recipe(tmp_path / "f.yaml", sweep_recipe(max_failures=40))
     assert run_mod.main([str(path), "--report-dir", str(out), "--no-progress"]) == 0
-    trials = _study(out).get_trials()
+    trials = sweep_study(out).get_trials()
     by_seed = {t.user_attrs.get("seed"): t for t in trials}
     assert by_seed["int8"].state == TrialState.FAIL
     assert by_seed["int8"].user_attrs["error"] == "RuntimeError: bitsandbytes exploded"
@@ -169,6 +176,14 @@ def test_failures_and_nan_are_recorded_and_the_sweep_goes_on(
     key = by_seed["int8"].user_attrs["config_key"]
     repeats = [t for t in trials if t.user_attrs.get("config_key") == key and t.number != 1]
     assert all(t.state == TrialState.PRUNED for t in repeats)
+    assert all("trial 1 failed (RuntimeError" in t.user_attrs["error"] for t in repeats)
+    # int8 proposed again (queued by hand, so the test does not rely on the sampler)
+    sweep_study(out).enqueue_trial(by_seed["int8"].params)
+    path = write_recipe(tmp_path / "f.yaml", sweep_recipe(max_failures=40, trials=9))
+    assert run_mod.main([str(path), "--report-dir", str(out), "--no-progress"]) == 0
+    trials = sweep_study(out).get_trials()
+    repeats = [t for t in trials if t.user_attrs.get("config_key") == key and t.number != 1]
+    assert repeats and all(t.state == TrialState.PRUNED for t in repeats)
     assert all("trial 1 failed (RuntimeError" in t.user_attrs["error"] for t in repeats)
     assert sum(p == [{"int8": {}}] for p in calls) == 1
     html = (out / "report.html").read_text()
@@ -192,7 +207,7 @@ def test_ctrl_c_leaves_a_consistent_study_that_a_rerun_completes(
     calls = _count_measure(monkeypatch, interrupt)
     out = tmp_path / "report"
     assert run_mod.main([str(sweep_file), "--report-dir", str(out), "--no-progress"]) == 130
-    trials = _study(out).get_trials()
+    trials = sweep_study(out).get_trials()
     assert [t.state for t in trials[:3]] == [
         TrialState.COMPLETE,
         TrialState.COMPLETE,
@@ -207,32 +222,25 @@ def test_ctrl_c_leaves_a_consistent_study_that_a_rerun_completes(
 
     calls.clear()
     assert run_mod.main([str(sweep_file), "--report-dir", str(out), "--no-progress"]) == 0
-    trials = _study(out).get_trials()
+    trials = sweep_study(out).get_trials()
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == 2]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
     assert retry[0].params == trials[2].params and retry[0].user_attrs["seed"] == "prune50"
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 8
     assert [] not in calls and [{"int8": {}}] not in calls  # trials 0 and 1 not redone
-
-
-def _cli(*args: str, cwd: Path, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "compress.run", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
+    # ... nor run again as new trials (which reuse would hide from `calls`)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert Counter(t.user_attrs.get("seed") for t in done if t.user_attrs.get("seed")) == {
+        "baseline": 1,
+        "int8": 1,
+        "prune50": 1,
+    }
 
 
 def test_killed_worker_loses_no_completed_trial(tmp_path: Path, tiny_workspace) -> None:
     path = write_recipe(tmp_path / "kill.yaml", slow_sweep_recipe(trials=7))
     out = tmp_path / "report"
-    args = (str(path), "--report-dir", str(out), "--no-progress")
-    proc = _cli(*args, cwd=tmp_path, start_new_session=True)
+    proc = start_sweep(path, out, start_new_session=True)
     storage = f"sqlite:///{out / 'sweep.db'}"
     try:
         caught = running_trial(proc, storage, lambda t: t.number >= 2)
@@ -243,15 +251,15 @@ def test_killed_worker_loses_no_completed_trial(tmp_path: Path, tiny_workspace) 
     victim = caught.number
     before = {
         t.number: t.values
-        for t in optuna.load_study(study_name="tiny-sweep", storage=storage).get_trials()
+        for t in sweep_study(out).get_trials()
         if t.state == TrialState.COMPLETE
     }
     assert len(before) >= 2
     time.sleep(4)  # past the heartbeat grace period (3 s)
-    rerun = _cli(*args, cwd=tmp_path)
+    rerun = start_sweep(path, out)
     text, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, text
-    trials = optuna.load_study(study_name="tiny-sweep", storage=storage).get_trials()
+    trials = sweep_study(out).get_trials()
     by_number = {t.number: t for t in trials}
     for number, values in before.items():
         assert by_number[number].state == TrialState.COMPLETE
@@ -285,7 +293,7 @@ def test_bad_storage_is_one_line_and_exit_2(sweep_file: Path, tmp_path: Path, ca
     assert err.startswith("error: storage nosuchdb://x: cannot open") and "Traceback" not in err
 
 
-def test_a_worker_that_crashes_fails_the_run_not_the_study(
+def test_a_worker_that_crashes_fails_the_run_not_thesweep_study(
     sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     from compress.sweep import driver
@@ -322,7 +330,7 @@ def test_a_worker_that_crashes_fails_the_run_not_the_study(
     err = capsys.readouterr().err
     assert "error: worker 1 (exit 1) stopped with an error" in err and "Traceback" not in err
     assert (out_dir / "report.html").is_file()
-    assert _study(out_dir).get_trials()[0].state == TrialState.COMPLETE  # the baseline
+    assert sweep_study(out_dir).get_trials()[0].state == TrialState.COMPLETE  # the baseline
 
 
 def test_a_sweep_cut_short_by_its_timeout_says_so_and_continues(
@@ -331,12 +339,12 @@ def test_a_sweep_cut_short_by_its_timeout_says_so_and_continues(
     path = write_recipe(tmp_path / "t.yaml", sweep_recipe(timeout_minutes=0.001))
     out = tmp_path / "report"
     assert run_mod.main([str(path), "--report-dir", str(out), "--no-progress"]) == 0
-    done = len(_study(out).get_trials(states=(TrialState.COMPLETE,)))
+    done = len(sweep_study(out).get_trials(states=(TrialState.COMPLETE,)))
     assert done < 8
     text = capsys.readouterr().out
     assert f"stopped by sweep.timeout_minutes 0.001 at {done} of 8 completed trials" in text
     # without the cap the same command finishes the budget and says nothing of the kind
     path = write_recipe(tmp_path / "t.yaml", sweep_recipe())
     assert run_mod.main([str(path), "--report-dir", str(out), "--no-progress"]) == 0
-    assert len(_study(out).get_trials(states=(TrialState.COMPLETE,))) == 8
+    assert len(sweep_study(out).get_trials(states=(TrialState.COMPLETE,))) == 8
     assert "stopped by" not in capsys.readouterr().out

@@ -11,8 +11,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -22,31 +20,17 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.sweep.conftest import running_trial, slow_sweep_recipe, sweep_recipe, write_recipe
+from tests.sweep.conftest import (
+    running_trial,
+    slow_sweep_recipe,
+    start_sweep,
+    sweep_recipe,
+    sweep_study,
+    write_recipe,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 POSTGRES_ENV = "COMPRESS_TEST_POSTGRES_URL"
 LINE = re.compile(r"^\[\d+/\d+\] trial (\d+) \(([^)]+)\)", re.M)
-
-
-def _start(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "compress.run",
-            str(recipe),
-            "--report-dir",
-            str(out),
-            "--no-progress",
-            *extra,
-        ],
-        cwd=out.parent,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def _check_study(study: optuna.Study, outputs: list[str], budget: int, workers: int) -> None:
@@ -75,12 +59,11 @@ def _check_study(study: optuna.Study, outputs: list[str], budget: int, workers: 
 def test_local_workers_share_one_sqlite_study(tmp_path: Path, tiny_workspace) -> None:
     recipe = write_recipe(tmp_path / "w.yaml", sweep_recipe(trials=10))
     out = tmp_path / "report"
-    proc = _start(recipe, out, "--workers", "2")
+    proc = start_sweep(recipe, out, "--workers", "2")
     text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, text
     assert "starting 2 workers" in text
-    study = optuna.load_study(study_name="tiny-sweep", storage=f"sqlite:///{out / 'sweep.db'}")
-    _check_study(study, [text], budget=10, workers=2)
+    _check_study(sweep_study(out), [text], budget=10, workers=2)
 
 
 @pytest.fixture
@@ -94,11 +77,20 @@ def postgres_url() -> Iterator[str]:
 
     base = sa.engine.make_url(url)
     name = f"compress_test_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(
+        base, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
+    )
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        reason = " ".join(str(exc.orig).split())
+        pytest.skip(f"{POSTGRES_ENV}: no PostgreSQL answers at {base!r}: {reason}")
     try:
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.SQLAlchemyError:
+    except sa.exc.ProgrammingError:  # not allowed to create databases: use the given one
         admin.dispose()
         yield url
         return
@@ -118,8 +110,8 @@ def test_machines_join_one_postgres_study(
     name = f"tiny-sweep-{uuid.uuid4().hex[:8]}"
     recipe = write_recipe(tmp_path / "pg.yaml", sweep_recipe(trials=14))
     args = ("--storage", postgres_url, "--study", name, "--workers", "2")
-    first = _start(recipe, tmp_path / "a", *args)
-    second = _start(recipe, tmp_path / "b", *args)
+    first = start_sweep(recipe, tmp_path / "a", *args)
+    second = start_sweep(recipe, tmp_path / "b", *args)
     try:
         texts = [p.communicate(timeout=600)[0] for p in (first, second)]
         assert first.returncode == 0, texts[0]
@@ -151,7 +143,7 @@ def test_a_killed_local_worker_is_replaced_by_the_others(tmp_path: Path, tiny_wo
     run exits 1 and names the dead worker."""
     recipe = write_recipe(tmp_path / "k.yaml", slow_sweep_recipe(trials=9))
     out = tmp_path / "report"
-    proc = _start(recipe, out, "--workers", "2")
+    proc = start_sweep(recipe, out, "--workers", "2")
     storage = f"sqlite:///{out / 'sweep.db'}"
 
     def local_worker(t: optuna.trial.FrozenTrial) -> bool:  # not the parent's "init"
@@ -168,7 +160,7 @@ def test_a_killed_local_worker_is_replaced_by_the_others(tmp_path: Path, tiny_wo
     assert victim is not None, "no trial was caught running"
     assert proc.returncode == 1, text
     assert "(exit -9) stopped with an error" in text
-    trials = optuna.load_study(study_name="tiny-sweep", storage=storage).get_trials()
+    trials = sweep_study(out).get_trials()
     by_number = {t.number: t for t in trials}
     assert by_number[victim.number].state == TrialState.FAIL
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
