@@ -387,7 +387,7 @@ def test_single_objective_and_empty_recommendations(tmp_path: Path) -> None:
 
 def realistic_sweep(n_sampled: int = 25, seed: int = 0) -> list[dict]:
     """About 30 trials: the baseline, four seeded variants and `n_sampled` sampled ones, with
-    some failures, infeasible and cached trials. Used by the demo report as well."""
+    some failures, infeasible and cached trials."""
     rng = random.Random(seed)
     base_bytes = 17_203_200
 
@@ -429,6 +429,7 @@ def realistic_sweep(n_sampled: int = 25, seed: int = 0) -> list[dict]:
             "cached_from": None,
             "seconds": round(rng.uniform(20, 90), 1),
             "worker": f"worker-{number % 3}",
+            "config_key": f"key-{number}",
         }
 
     trials = [
@@ -557,6 +558,21 @@ def test_realistic_sweep_report(tmp_path: Path) -> None:
     assert (df["state"] == "FAIL").sum() == 3
     front = json.loads(paths["json"].read_text())["meta"]["sweep"]["front"]
     assert front and all(trials[n]["state"] == "COMPLETE" and trials[n]["feasible"] for n in front)
+    # exactly the non-dominated COMPLETE feasible trials, by brute force over all pairs
+    keys = [k for k, _ in OBJECTIVES]
+    ok = [t for t in trials if t["state"] == "COMPLETE" and t["feasible"]]
+
+    def vec(t: dict) -> list[float]:
+        return [t["values"][k] for k in keys]
+
+    def beaten(t: dict) -> bool:
+        return any(all(a <= b for a, b in zip(vec(u), vec(t))) and vec(u) != vec(t) for u in ok)
+
+    assert front == [t["number"] for t in ok if not beaten(t)]
+    # trial 20 repeats trial 12's configuration (a reused result)
+    sweep = json.loads(paths["json"].read_text())["meta"]["sweep"]
+    assert sweep["repeats"] == {"20": 12}
+    assert 20 not in sweep["front_configurations"]
     page = paths["html"].read_text()
     assert page.count(PNG_DATA) == 3
     assert "mat1 and mat2 shapes cannot be multiplied" in page
