@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import machine as machine_name  # noqa: E402
+
 from compress.cache import stable_hash  # noqa: E402
 from compress.workbench import environment  # noqa: E402
 
@@ -137,7 +139,7 @@ def main() -> None:
             results[name] = run_recipe(name, Path(tmp) / name)
 
     env = environment()
-    machine = f"{env['processor']} x{env['cpu_count']}, torch {env['torch']}"
+    machine = machine_name(env)
     header = (
         "| recipe | variant | stages | perplexity | ppl x | latency ms (IQR) | latency x "
         "| weight x | q-layer x | saved x | model RSS x | params x | sparsity |"

@@ -32,6 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import machine as machine_name  # noqa: E402
+
 from compress.cache import stable_hash  # noqa: E402
 from compress.evaluate.perplexity import perplexity, windows  # noqa: E402
 from compress.recipe import load_recipe  # noqa: E402
@@ -153,7 +155,7 @@ def main() -> None:
     results.update({f"eval_{k}": v for k, v in thr.items() if k != "samples"})
 
     env_info = environment()
-    machine = f"{env_info['processor']} x{env_info['cpu_count']}, torch {env_info['torch']}"
+    machine = machine_name(env_info)
     config = stable_hash({"recipe": recipe.model_dump(mode="json")}, 12)
     args.out.mkdir(parents=True, exist_ok=True)
     lines = ["what,config,metric,value,machine"]

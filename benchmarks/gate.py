@@ -34,9 +34,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import machine as machine_name  # noqa: E402
+
 from compress import gate  # noqa: E402
 from compress.cache import stable_hash  # noqa: E402
-from compress.evaluate.latency import interleaved_latency  # noqa: E402
+from compress.evaluate.latency import interleaved_latency, quartiles  # noqa: E402
 from compress.models.gpt import GPT, PRESETS, GPTConfig  # noqa: E402
 from compress.runtime import tune_allocator  # noqa: E402
 from compress.train import TrainConfig, train  # noqa: E402
@@ -148,7 +150,7 @@ def main() -> None:
 
     results: dict[str, dict[str, float]] = {}
     for name, s in samples.items():
-        q25, q50, q75 = statistics.quantiles(s, n=4, method="inclusive")
+        q25, q50, q75 = quartiles(s)
         results[name] = {
             "latency_ms_median": q50,
             "latency_ms_iqr": q75 - q25,
@@ -165,7 +167,7 @@ def main() -> None:
     results["background"] = {"train_steps": steps.value}
 
     env_info = environment()
-    machine = f"{env_info['processor']} x{env_info['cpu_count']}, torch {env_info['torch']}"
+    machine = machine_name(env_info)
     settings = {
         "model": "small",
         "vocab": VOCAB,

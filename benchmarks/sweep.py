@@ -43,7 +43,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import machine as machine_name  # noqa: E402
+
 from compress.cache import cache_dir  # noqa: E402
+from compress.evaluate.latency import quartiles  # noqa: E402
 from compress.workbench import environment  # noqa: E402
 
 TRIAL_LINE = re.compile(r"^\[\d+/\d+\] trial (\d+) ", re.M)
@@ -59,11 +62,11 @@ def fresh_cache(base: Path) -> Path:
     return root
 
 
-def run(recipe: Path, report: Path, cache: Path, *extra: str) -> tuple[float, str]:
-    env = {**os.environ, "COMPRESS_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [
+def command(recipe: Path, report: Path, cache: Path, *extra: str) -> dict:
+    """``subprocess`` arguments for ``python -m compress.run RECIPE`` into ``report``, with
+    ``cache`` as its cache folder."""
+    return {
+        "args": [
             sys.executable,
             "-m",
             "compress.run",
@@ -73,11 +76,14 @@ def run(recipe: Path, report: Path, cache: Path, *extra: str) -> tuple[float, st
             "--no-progress",
             *extra,
         ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+        "cwd": REPO,
+        "env": {**os.environ, "COMPRESS_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)},
+    }
+
+
+def run(recipe: Path, report: Path, cache: Path, *extra: str) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(**command(recipe, report, cache, *extra), capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"{recipe} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -100,12 +106,8 @@ def kill_and_restart(recipe: dict, work: Path) -> tuple[list[tuple[str, str, flo
     path = work / "killed.yaml"
     path.write_text(yaml.safe_dump(killed, sort_keys=False))
     report, cache = work / "killed", fresh_cache(work)
-    env = {**os.environ, "COMPRESS_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "compress.run", str(path), "--report-dir", str(report)]
     proc = subprocess.Popen(
-        [*cmd, "--no-progress"],
-        cwd=REPO,
-        env=env,
+        **command(path, report, cache),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -151,6 +153,8 @@ def kill_and_restart(recipe: dict, work: Path) -> tuple[list[tuple[str, str, flo
     md = [
         "## Kill and restart",
         "",
+        stamp(),
+        "",
         f"A sweep of the same recipe with a budget of {killed['sweep']['trials']} trials was "
         f"killed (SIGKILL to the whole command) while trial {victim} was running, "
         f"after {len(before)} trials had completed, and started again {grace + 2} s later "
@@ -165,14 +169,23 @@ def kill_and_restart(recipe: dict, work: Path) -> tuple[list[tuple[str, str, flo
     return rows, md
 
 
+def stamp() -> str:
+    """When and from which commit a section was measured (phases can be re-run alone)."""
+    rev = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return f"_Measured {time.strftime('%Y-%m-%d')} at commit {rev or 'unknown'}._"
+
+
 def load(report: Path) -> tuple[list[dict], dict]:
     doc = json.loads((report / "trials.json").read_text())
     return doc["rows"], doc["meta"]
 
 
 def sweeping_hours(report: Path, study: str) -> tuple[int, float, list[float]]:
-    """(trials measured, hours from the first sampled trial's start to the last completion,
-    the baseline's latency in each measured trial's paired timing), read from the study."""
+    """(trials measured, hours from the start of the first trial after the baseline (trial
+    0, measured before the workers start) to the last completion, the baseline's latency in
+    each measured trial's paired timing), read from the study."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -193,9 +206,7 @@ def sweeping_hours(report: Path, study: str) -> tuple[int, float, list[float]]:
 
 def spread(samples: list[float]) -> tuple[float, float, float]:
     """(median, IQR as a fraction of the median, largest deviation from the median as one)."""
-    import statistics
-
-    q1, med, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    q1, med, q3 = quartiles(samples)
     return med, (q3 - q1) / med, max(abs(x - med) for x in samples) / med
 
 
@@ -208,12 +219,11 @@ def full_phase(recipe_path: Path, recipe: dict, work: Path) -> tuple[list, list[
     invocations = []
     while True:  # a run that its timeout_minutes cut short is continued, as the CLI says
         seconds, _ = run(recipe_path, report, cache)
-        trials, _ = load(report)
+        trials, meta = load(report)
         done = sum(1 for t in trials if t["state"] == "COMPLETE")
         invocations.append((seconds, done))
         if done >= budget or len(invocations) == 3:
             break
-    trials, meta = load(report)
     states: dict[str, int] = {}
     for t in trials:
         states[t["state"]] = states.get(t["state"], 0) + 1
@@ -239,6 +249,10 @@ def full_phase(recipe_path: Path, recipe: dict, work: Path) -> tuple[list, list[
         (f"invocation={i + 1}", "trials_complete_after", n) for i, (_, n) in enumerate(invocations)
     ]
     rows += [("full", f"trials_{s.lower()}", n) for s, n in sorted(states.items())]
+    train = meta["baseline"]["train"]
+    rows += [("baseline", k, train[k]) for k in ("steps", "stopped_by", "seconds", "best_val_loss")]
+    base = next(t for t in trials if t["number"] == 0)
+    rows.append(("baseline", "perplexity", base["perplexity"]))
     again_seconds, again_out = run(recipe_path, report, cache)
     measured_again = TRIAL_LINE.findall(again_out)
     trials_again, _ = load(report)
@@ -255,6 +269,10 @@ def full_phase(recipe_path: Path, recipe: dict, work: Path) -> tuple[list, list[
     md = [
         f"## Default sweep (`{recipe_path.relative_to(REPO)}`, baseline cached)",
         "",
+        stamp(),
+        "",
+        f"- Baseline: trained {train['steps']} steps (stopped by {train['stopped_by']} after "
+        f"{train['seconds']:.0f} s), test perplexity {base['perplexity']:.2f}.",
         f"- Wall time: **{total / 60:.1f} min** for {len(trials)} trials "
         f"({', '.join(f'{n} {s.lower()}' for s, n in sorted(states.items()))}; "
         f"{reused} reused a result of an identical earlier configuration), in "
@@ -329,6 +347,8 @@ def workers_phase(recipe: dict, work: Path, minutes: float) -> tuple[list, list[
     md = [
         f"## Trials per hour by local workers ({minutes:g} min of sweeping each)",
         "",
+        stamp(),
+        "",
         "The baseline is timed again inside every measured trial (paired latency), so the spread",
         "of those baseline timings shows whether workers disturbed each other's measurements.",
         "",
@@ -367,7 +387,7 @@ def workers_phase(recipe: dict, work: Path, minutes: float) -> tuple[list, list[
 
 # phase -> (the CSV configs it writes, the heading of its section in sweep.md)
 PHASES = {
-    "full": (("full", "invocation=", "rerun", "seed:", "front:"), "## Default sweep"),
+    "full": (("full", "invocation=", "rerun", "seed:", "front:", "baseline"), "## Default sweep"),
     "workers": (("workers=",), "## Trials per hour"),
     "kill": (("kill",), "## Kill and restart"),
 }
@@ -401,7 +421,7 @@ def main() -> None:
         results["kill"] = kill_and_restart(recipe, work)
 
     env_info = environment()
-    machine = f"{env_info['processor']} x{env_info['cpu_count']}, torch {env_info['torch']}"
+    machine = machine_name(env_info)
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = args.out / "sweep.csv", args.out / "sweep.md"
     old_rows = csv_path.read_text().splitlines()[1:] if csv_path.is_file() else []
@@ -428,8 +448,8 @@ def main() -> None:
         "# Sweep benchmark",
         "",
         f"Machine: {machine}; Python {platform.python_version()}. "
-        f"Written by `python benchmarks/sweep.py` on {time.strftime('%Y-%m-%d')} "
-        f"(phases run: {', '.join(results)}; the machine is in every CSV row).",
+        f"Written by `python benchmarks/sweep.py`; each section says when and from which "
+        f"commit it was measured, and the machine is in every CSV row.",
         "",
     ]
     md_path.write_text("\n".join(head + body))

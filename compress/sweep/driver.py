@@ -307,7 +307,12 @@ def run_sweep(
         "recipe": recipe.name,
         "baseline": None
         if ws is None
-        else {"key": ws.baseline_info.key, "cached": ws.baseline_info.cached},
+        else {
+            "key": ws.baseline_info.key,
+            "cached": ws.baseline_info.cached,
+            # how its training ended (steps, stopped_by, seconds): a capped baseline is weaker
+            "train": {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
+        },
         "workers": workers,
         "seconds": seconds,
         "interrupted": interrupted,
