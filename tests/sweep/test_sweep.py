@@ -250,9 +250,7 @@ def test_killed_worker_loses_no_completed_trial(tmp_path: Path, tiny_workspace) 
     assert caught is not None, "no trial was caught running"
     victim = caught.number
     before = {
-        t.number: t.values
-        for t in sweep_study(out).get_trials()
-        if t.state == TrialState.COMPLETE
+        t.number: t.values for t in sweep_study(out).get_trials() if t.state == TrialState.COMPLETE
     }
     assert len(before) >= 2
     time.sleep(4)  # past the heartbeat grace period (3 s)
