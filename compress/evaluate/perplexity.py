@@ -1,10 +1,16 @@
-"""Perplexity: exp of the token-weighted mean negative log-likelihood over a held-out stream.
+"""Perplexity: exp of the token-weighted mean negative log-likelihood over a held-out stream,
+as the Hugging Face guide "Perplexity of fixed-length models" defines it.
 
-The stream is cut into windows of ``seq_len`` tokens that start every ``stride`` tokens; each
-target token is scored exactly once, by the first window that contains it, so with
+Windows of at most ``seq_len`` tokens start every ``stride`` tokens (``begin = 0, stride,
+2*stride, ...``; a window ends at ``min(begin + seq_len, n)``, and the last one is the first
+that reaches the end of the stream). Each window scores only its new tokens, those after the
+previous window's end, each predicted from the tokens before it in the window: so with
 ``stride < seq_len`` every scored token (after the first window) sees at least
-``seq_len - stride`` tokens of context. A last window aligned to the end of the stream scores
-the tail. ``stride == seq_len`` gives non-overlapping windows.
+``seq_len - stride`` tokens of context. A window's first token has no context inside it and is
+never scored by it: with ``stride == seq_len`` (no overlap) the first token of every window is
+left out, as in the guide. The mean is weighted by the tokens actually scored (the guide's
+code subtracts one token per window from its count, which is exact only for the first window;
+compress counts exactly).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import gate
+from compress.models.adapter import model_device
 
 
 @dataclass(frozen=True)
@@ -34,24 +41,23 @@ class PerplexityResult:
         return asdict(self)
 
 
-def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """``(begin, score_from)`` per window: inputs ``ids[begin:begin+seq_len]``, and targets at
-    window positions ``>= score_from`` are scored. Every target 1..n-1 is scored once."""
+def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, score_from)`` per window: inputs ``ids[begin:end]``; the targets
+    ``ids[t]`` for ``score_from <= t < end`` are scored, each from position ``t - 1 - begin``."""
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride must be in (0, seq_len={seq_len}], got {stride}")
-    if n_tokens < seq_len + 1:
-        raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} tokens, got {n_tokens}")
-    out: list[tuple[int, int]] = []
-    scored_until = 0  # targets ids[1 : scored_until + 1] are already scored
-    begin = 0
-    while begin + seq_len + 1 <= n_tokens:
-        first_new = scored_until - begin  # window position of the first unscored target
-        out.append((begin, max(0, first_new)))
-        scored_until = begin + seq_len
-        begin += stride
-    if scored_until < n_tokens - 1:
-        begin = n_tokens - 1 - seq_len
-        out.append((begin, scored_until - begin))
+    if n_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score one, got {n_tokens}")
+    out: list[tuple[int, int, int]] = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + seq_len, n_tokens)
+        score_from = max(prev_end, begin + 1)
+        if score_from < end:
+            out.append((begin, end, score_from))
+        prev_end = end
+        if end == n_tokens:
+            break
     return out
 
 
@@ -69,26 +75,38 @@ def perplexity(
     if max_tokens is not None:
         ids = ids[:max_tokens]
     spans = windows(ids.numel(), seq_len, stride)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     total_nll = 0.0
     total_tokens = 0
-    offsets = torch.arange(seq_len + 1)
-    positions = torch.arange(seq_len)
-    for i in range(0, len(spans), batch_size):
-        gate.checkpoint()  # let a waiting latency measurement have the machine
-        chunk = spans[i : i + batch_size]
-        begins = torch.tensor([b for b, _ in chunk])
-        score_from = torch.tensor([s for _, s in chunk])
-        w = ids[begins[:, None] + offsets]  # (B, T+1)
-        logits = model(w[:, :-1])  # (B, T, V)
-        nll = F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="none"
-        ).view(len(chunk), seq_len)  # (B, T)
-        mask = positions[None, :] >= score_from[:, None]  # (B, T)
-        total_nll += float(nll[mask].double().sum())
-        total_tokens += int(mask.sum())
+    # Windows of one length are batched together (only the last can be shorter).
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:
+        groups.setdefault(span[1] - span[0], []).append(span)
+    for length, group in groups.items():
+        offsets = torch.arange(length)
+        positions = torch.arange(length - 1)
+        for i in range(0, len(group), batch_size):
+            gate.checkpoint()  # let a waiting latency measurement have the machine
+            chunk = group[i : i + batch_size]
+            begins = torch.tensor([b for b, _, _ in chunk])
+            first = torch.tensor([s - b - 1 for b, _, s in chunk])  # first scored position
+            w = ids[begins[:, None] + offsets]  # (B, T)
+            logits = model(w.to(device))[:, :-1]  # (B, T-1, V): position j predicts w[j+1]
+            nll = (
+                F.cross_entropy(
+                    logits.float().reshape(-1, logits.size(-1)),
+                    w[:, 1:].reshape(-1).to(device),
+                    reduction="none",
+                )
+                .view(len(chunk), length - 1)
+                .cpu()
+            )  # (B, T-1)
+            mask = positions[None, :] >= first[:, None]  # (B, T-1)
+            total_nll += float(nll[mask].double().sum())
+            total_tokens += int(mask.sum())
     model.train(was_training)
     mean = total_nll / total_tokens
     return PerplexityResult(
