@@ -52,23 +52,63 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    preset: Literal["tiny", "small"] = "small"
+    """The baseline: the built-in GPT (``preset``, trained and cached on first use) or a
+    Hugging Face causal LM (``hf``: a directory written by ``save_pretrained``, relative to the
+    recipe's folder, or a hub id when a network is there)."""
+
+    preset: Literal["tiny", "small"] | None = None
+    hf: str | None = Field(None, min_length=1)
+    revision: str | None = Field(None, min_length=1, description="hub models: branch/tag/commit")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False  # run the model repository's own Python code (hub models)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("hf") is None and data.get("preset") is None:
+            return {**data, "preset": "small"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if self.preset is not None and self.hf is not None:
+            raise ValueError(
+                "give either preset (the built-in GPT) or hf (a Hugging Face model), not both"
+            )
+        if self.hf is None and (self.revision is not None or self.trust_remote_code):
+            raise ValueError("revision and trust_remote_code only apply to model.hf")
+        return self
 
 
 class DataSpec(Strict):
-    corpus: Literal["builtin", "files"] = "builtin"
+    corpus: Literal["builtin", "files", "hf"] = "builtin"
     # For ``files``: a list of paths/globs split contiguously by ``fractions``, or a mapping
     # {train: [...], valid: [...], test: [...]}. Relative paths are read from the recipe's folder.
     files: list[str] | dict[str, list[str]] | None = None
     fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    # For ``hf``: a dataset through the `datasets` library (needs a network unless cached),
+    # e.g. path: wikitext, name: wikitext-2-raw-v1; rows of `text_field` joined by blank lines.
+    path: str | None = Field(None, min_length=1)
+    name: str | None = Field(None, min_length=1)
+    text_field: str = Field("text", min_length=1)
+    splits: dict[Literal["train", "valid", "test"], str] = Field(
+        default_factory=lambda: {"train": "train", "valid": "validation", "test": "test"}
+    )
+    # The built-in GPT's tokenizer (byte-level BPE trained on the train split); a Hugging Face
+    # model brings its own.
     vocab_size: int = Field(4096, ge=257, le=65536)
 
     @model_validator(mode="after")
-    def _files_iff_corpus_files(self) -> DataSpec:
+    def _source_fields(self) -> DataSpec:
         if self.corpus == "files" and not self.files:
             raise ValueError("corpus 'files' needs a non-empty 'files' list or mapping")
-        if self.corpus == "builtin" and self.files:
+        if self.corpus != "files" and self.files:
             raise ValueError("'files' is only read when corpus is 'files'")
+        if self.corpus == "hf" and not self.path:
+            raise ValueError("corpus 'hf' needs 'path' (a dataset name, e.g. wikitext)")
+        hf_only = {"path", "name", "text_field", "splits"} & self.model_fields_set
+        if self.corpus != "hf" and hf_only:
+            raise ValueError(f"{', '.join(sorted(hf_only))}: only read when corpus is 'hf'")
         return self
 
 
@@ -140,6 +180,7 @@ class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
     seed: int = 0
     model: ModelSpec = ModelSpec()
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees one
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
@@ -158,6 +199,13 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _fits_block_size(self) -> Recipe:
+        if self.model.hf is not None:
+            if "vocab_size" in self.data.model_fields_set:
+                raise ValueError(
+                    "data.vocab_size sets the built-in GPT's tokenizer; a Hugging Face model "
+                    "(model.hf) brings its own tokenizer"
+                )
+            return self  # its context length is checked once the model's config is read
         block = PRESETS[self.model.preset]["block_size"]
         for key, n in (
             ("train.seq_len", self.train.seq_len),

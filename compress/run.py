@@ -117,16 +117,26 @@ def _sections(
     baseline_rows = [
         {
             "what": "model",
-            "value": f"built-in GPT '{recipe.model.preset}', {base.get('params', 0):,} parameters",
+            "value": f"{info.description}, {base.get('params', 0):,} parameters",
         },
-        {"what": "baseline cache key", "value": info.key},
-        {"what": "this run", "value": "loaded from cache" if info.cached else "trained now"},
+        {"what": "baseline key", "value": info.key},
+        {"what": "source", "value": str(info.path)},
         {
-            "what": "training",
-            "value": f"{tr['steps']} steps, {tr['tokens_seen']:,} tokens, "
-            f"{tr['seconds']:.1f} s, stopped by {tr['stopped_by']}",
+            "what": "this run",
+            "value": "trained now" if not info.cached else "loaded",
         },
-        {"what": "best validation loss", "value": _fmt(tr.get("best_val_loss"), ".4f")},
+        {"what": "device", "value": str(ws.device)},
+    ]
+    if tr is not None:
+        baseline_rows += [
+            {
+                "what": "training",
+                "value": f"{tr['steps']} steps, {tr['tokens_seen']:,} tokens, "
+                f"{tr['seconds']:.1f} s, stopped by {tr['stopped_by']}",
+            },
+            {"what": "best validation loss", "value": _fmt(tr.get("best_val_loss"), ".4f")},
+        ]
+    baseline_rows += [
         {
             "what": f"baseline perplexity ({recipe.eval.perplexity.split})",
             "value": _fmt(ppl, ".3f"),
@@ -148,8 +158,12 @@ def _sections(
         {"what": "corpus fingerprint", "value": ws.corpus.fingerprint},
         {
             "what": "tokenizer",
-            "value": f"byte-level BPE, vocab {ws.tokenizer.vocab_size}, "
-            f"fingerprint {ws.tokenizer.fingerprint}",
+            "value": (
+                f"byte-level BPE trained on the train split, vocab {ws.tokenizer.vocab_size}"
+                if info.train is not None
+                else f"the model's own, vocab {ws.tokenizer.vocab_size}"
+            )
+            + f", fingerprint {ws.tokenizer.fingerprint}",
         },
         {
             "what": "tokens per split",
@@ -200,7 +214,11 @@ def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
         "baseline": {
             "key": ws.baseline_info.key,
             "cached": ws.baseline_info.cached,
-            "train": {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
+            "description": ws.baseline_info.description,
+            "source": str(ws.baseline_info.path),
+            "train": None
+            if ws.baseline_info.train is None
+            else {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
         },
         "unigram_perplexity": ws.unigram_perplexity,
         "setup_seconds": ws.setup_seconds,
@@ -231,13 +249,8 @@ def run(
     names = ", ".join(["baseline", *(v.name for v in recipe.variants)])
     print(f"compress: {recipe_path} -> {out_dir}/  (variants: {names})", flush=True)
     ws = prepare(recipe, recipe_path.resolve().parent, progress=progress)
-    info = ws.baseline_info
-    how = "loaded from cache" if info.cached else f"trained in {info.train['seconds']:.0f} s"
     print(f"data: {ws.corpus.description}", flush=True)
-    print(
-        f"baseline '{recipe.model.preset}': {how} ({info.path}); setup {ws.setup_seconds:.1f} s",
-        flush=True,
-    )
+    print(f"{ws.baseline_info.headline()}; setup {ws.setup_seconds:.1f} s", flush=True)
     results = run_variants(ws, out_dir, progress=progress)
     rows = [r.row for r in results]
     recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

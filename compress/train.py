@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from compress import gate
+from compress.models.adapter import model_device
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,13 @@ def estimate_loss(
     """Mean loss over ``cfg.eval_batches`` fixed (seeded) batches of ``ids``."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
     for _ in range(cfg.eval_batches):
         x, y = sample_batch(ids, cfg.batch_size, cfg.seq_len, gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            losses.append(loss_fn(model, x, y).item())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            losses.append(loss_fn(model, x.to(device), y.to(device)).item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
@@ -141,6 +143,7 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     model.train()
+    device = model_device(model)
     start = time.perf_counter()
     deadline = start + cfg.max_minutes * 60 if cfg.max_minutes else None
     history: list[dict] = []
@@ -162,8 +165,8 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr
             x, y = sample_batch(train_ids, cfg.batch_size, cfg.seq_len, gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = loss_fn(model, x, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = loss_fn(model, x.to(device), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -23,9 +23,10 @@ from compress.compressors.quantize import DTYPES, honor_compute_dtype
 from compress.compressors.targets import set_module
 from compress.errors import CompressError
 from compress.evaluate.memory import is_packed_linear, packed_linear_tensors, stored_tensors
-from compress.models.gpt import GPT, GPTConfig
+from compress.models.adapter import adapter_by_family, adapter_for
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 WEIGHTS = "model.safetensors"
 MANIFEST = "variant.json"
 BNB_KINDS = ("int8", "nf4", "fp4")  # manifest kinds stored as bitsandbytes layers
@@ -63,21 +64,25 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if t.numel() and key in seen:
             continue
         seen.add(key)
-        out[name] = t.detach().contiguous()
+        out[name] = t.detach().to("cpu").contiguous()
     return out
 
 
-def save_variant(model: GPT, path: Path, extra: dict | None = None) -> Path:
+def save_variant(model: nn.Module, path: Path, extra: dict | None = None) -> Path:
+    """Write ``model`` to the folder ``path``: weights (safetensors) and the manifest. An HF
+    model's folder is also a Hugging Face directory (``config.json``, ``model.safetensors``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    tensors = _unique_state_dict(model)
+    quantized = quantized_modules(model)
+    arch = adapter_for(model).architecture(model, path, tensors)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "architecture": "compress.GPT",
-        "config": model.config.to_dict(),
-        "quantized": quantized_modules(model),
+        "architecture": arch,
+        "quantized": quantized,
         "extra": extra or {},
     }
-    save_file(_unique_state_dict(model), str(path / WEIGHTS))
+    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path
 
@@ -127,26 +132,42 @@ def _fill(module: nn.Module, spec: dict, prefix: str, tensors: dict[str, torch.T
         module.bias = nn.Parameter(own["bias"], requires_grad=False)
 
 
-def load_variant(path: Path | str) -> GPT:
+def _architecture(manifest: dict) -> dict:
+    arch = manifest.get("architecture")
+    if arch == "compress.GPT":  # format_version 1: the built-in GPT, config beside it
+        return {"family": "builtin", "config": manifest["config"]}
+    if not isinstance(arch, dict) or "family" not in arch:
+        raise CompressError(f"unknown architecture {arch!r}")
+    return arch
+
+
+def load_variant(path: Path | str) -> nn.Module:
+    """The model saved in ``path`` by :func:`save_variant`, on the CPU, in eval mode.
+
+    Nothing is unpickled and no code is executed (unless the saved model's family itself
+    needs ``trust_remote_code``, recorded when it was loaded with it)."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
         raise CompressError(f"{path}: not a saved variant (no {MANIFEST})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CompressError(
             f"{path / MANIFEST}: format_version {manifest.get('format_version')!r}, "
-            f"this version of compress reads {FORMAT_VERSION}"
+            f"this version of compress reads {', '.join(map(str, READABLE_VERSIONS))}"
         )
-    cfg = GPTConfig.from_dict(manifest["config"])
-    tensors = load_file(str(path / WEIGHTS))
-    # Built on the CPU, not on "meta": meta tensors pull in ~80 MB of torch modules on first
-    # use, which would count against the variant's measured load memory.
-    model = GPT(cfg, init_weights=False)
+    try:
+        arch = _architecture(manifest)
+    except CompressError as exc:
+        raise CompressError(f"{path / MANIFEST}: {exc}") from None
+    adapter = adapter_by_family(arch["family"])
+    model = adapter.skeleton(arch, path)
+    tensors = adapter.load_tensors(arch, load_file(str(path / WEIGHTS)))
     # Quantized layers first: they take their tensors out of ``tensors``. torch's dynamic int8
     # layers go in after ``load_state_dict``, which cannot fill them without their packed form.
+    quantized = manifest["quantized"]
     dynamic: dict[str, nn.Module] = {}
-    for name, spec in manifest["quantized"].items():
+    for name, spec in quantized.items():
         if spec["kind"] == DYNAMIC_INT8:
             prefix = name + "."
             own = {k[len(prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
@@ -159,10 +180,9 @@ def load_variant(path: Path | str) -> GPT:
     result = model.load_state_dict(tensors, strict=False, assign=True)
     for name, layer in dynamic.items():
         set_module(model, name, layer)
-    if "lm_head" not in manifest["quantized"]:
-        model.lm_head.weight = model.tok_emb.weight  # re-tie (saved once)
-    filled = tuple(name + "." for name in manifest["quantized"]) + ("lm_head.weight",)
-    missing = [k for k in result.missing_keys if not k.startswith(filled)]
+    tied = adapter.finish_load(model, arch, quantized)
+    filled = tuple(name + "." for name in quantized)
+    missing = [k for k in result.missing_keys if not k.startswith(filled) and k not in tied]
     if missing or result.unexpected_keys:
         raise CompressError(
             f"{path / WEIGHTS}: does not match its manifest: missing {missing[:5]}, "

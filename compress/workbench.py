@@ -1,10 +1,13 @@
 """One recipe in, one comparison out: the path every entry point (run, sweep) goes through.
 
-    prepare(recipe)  -> corpus, tokenizer, token ids, baseline (cached), unigram reference
+    prepare(recipe)  -> corpus, tokenizer, token ids, baseline (the built-in GPT trained or
+                        cached, or a Hugging Face model), unigram reference
     build_variant    -> baseline copy through the variant's compressor stages, stage reports
-    measure          -> perplexity, memory, saved size, peak RSS per variant; latency for all
-                        variants in interleaved rounds so drift on a noisy machine hits all alike
-    run_recipe       -> rows (baseline first) and the details a report needs
+    measure_static   -> perplexity, memory, saved size, peak RSS of one variant
+    paired_latency   -> the variant and the baseline timed in alternating rounds, so drift on a
+                        noisy machine hits both alike; the ratio is the paired one
+    run_variants     -> every variant built, measured and freed in turn (only the baseline and
+                        the variants a later one starts from or learns from stay in memory)
 
 A variant that fails is recorded with its error; the others go on.
 """
@@ -33,11 +36,12 @@ from compress.data import (
     builtin_corpus,
     encode_splits,
     files_corpus,
+    hf_corpus,
     train_tokenizer,
     unigram_perplexity,
 )
 from compress.errors import CompressError
-from compress.evaluate.latency import LatencyResult, interleaved_latency
+from compress.evaluate.latency import LatencyResult, interleaved_latency, summarize
 from compress.evaluate.memory import (
     count_zeros,
     dir_bytes,
@@ -46,8 +50,9 @@ from compress.evaluate.memory import (
     peak_rss,
 )
 from compress.evaluate.perplexity import PerplexityResult, perplexity
-from compress.models.baseline import BaselineInfo, get_baseline
-from compress.models.gpt import GPT, PRESETS, GPTConfig
+from compress.models.adapter import ModelAdapter, adapter_for, resolve_device
+from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baseline
+from compress.models.gpt import PRESETS, GPTConfig
 from compress.recipe import Recipe, VariantSpec, variant_stages
 from compress.train import TrainConfig
 from compress.variant import save_variant
@@ -63,10 +68,21 @@ class Workspace:
     corpus: Corpus
     tokenizer: Tokenizer
     tokens: dict[str, torch.Tensor]
-    baseline: GPT
+    baseline: nn.Module
     baseline_info: BaselineInfo
     unigram_perplexity: float  # of the evaluation split, unigram fit on the training split
     setup_seconds: float
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return adapter_for(self.baseline)
+
+    @property
+    def input_vocab(self) -> int:
+        """Token ids below this are valid inputs for the tokenizer and the model alike (random
+        inputs for timing are drawn from it)."""
+        return min(self.tokenizer.vocab_size, self.adapter.vocab_size(self.baseline))
 
 
 @dataclass
@@ -84,30 +100,75 @@ def train_config(recipe: Recipe) -> TrainConfig:
     return TrainConfig(**recipe.train.model_dump(), seed=recipe.seed)
 
 
-def load_data(recipe: Recipe, base_dir: Path) -> tuple[Corpus, Tokenizer, dict[str, torch.Tensor]]:
+def load_corpus(recipe: Recipe, base_dir: Path) -> Corpus:
     spec = recipe.data
     if spec.corpus == "builtin":
-        corpus = builtin_corpus()
-    else:
-        corpus = files_corpus(spec.files, base_dir=base_dir, fractions=spec.fractions)
-    tokenizer = train_tokenizer(corpus, spec.vocab_size)
-    return corpus, tokenizer, encode_splits(tokenizer, corpus)
+        return builtin_corpus()
+    if spec.corpus == "hf":
+        return hf_corpus(spec.path, spec.name, spec.text_field, dict(spec.splits))
+    return files_corpus(spec.files, base_dir=base_dir, fractions=spec.fractions)
 
 
 def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
+    """Data, tokenizer, token ids and the baseline on the recipe's device; every check that
+    needs the model (context length, vocabulary) runs here, before any variant is built."""
     start = time.perf_counter()
-    corpus, tokenizer, tokens = load_data(recipe, base_dir)
-    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, **PRESETS[recipe.model.preset])
-    baseline, info = get_baseline(
-        cfg, tokens, corpus.fingerprint, tokenizer.fingerprint, train_config(recipe), progress
-    )
+    device = resolve_device(recipe.device)
+    corpus = load_corpus(recipe, base_dir)
+    if recipe.model.hf is not None:
+        baseline, info, tokenizer = load_hf_baseline(recipe.model, base_dir)
+        tokens = encode_splits(tokenizer, corpus)
+        vocab = adapter_for(baseline).vocab_size(baseline)
+        for split, ids in tokens.items():
+            if ids.numel() and int(ids.max()) >= vocab:
+                raise CompressError(
+                    f"model.hf: the tokenizer gives id {int(ids.max())} in the {split} split but "
+                    f"the model's vocabulary has {vocab} entries"
+                )
+    else:
+        tokenizer = train_tokenizer(corpus, recipe.data.vocab_size)
+        tokens = encode_splits(tokenizer, corpus)
+        cfg = GPTConfig(vocab_size=tokenizer.vocab_size, **PRESETS[recipe.model.preset])
+        baseline, info = get_baseline(
+            cfg, tokens, corpus.fingerprint, tokenizer.fingerprint, train_config(recipe), progress
+        )
+        if recipe.model.dtype != "float32":
+            baseline = baseline.to(getattr(torch, recipe.model.dtype))
+    _check_context(recipe, adapter_for(baseline).max_seq_len(baseline))
+    baseline = baseline.to(device).eval()
     split = recipe.eval.perplexity.split
     eval_ids = _eval_ids(recipe, tokens)
     unigram = unigram_perplexity(tokens["train"], eval_ids, tokenizer.vocab_size)
     log.info("unigram perplexity of %s split: %.2f", split, unigram)
     return Workspace(
-        recipe, corpus, tokenizer, tokens, baseline, info, unigram, time.perf_counter() - start
+        recipe,
+        corpus,
+        tokenizer,
+        tokens,
+        baseline,
+        info,
+        unigram,
+        time.perf_counter() - start,
+        device,
     )
+
+
+def _check_context(recipe: Recipe, max_len: int | None) -> None:
+    """Sequence lengths the recipe asks for must fit the model's context."""
+    if max_len is None:
+        return
+    asks = [
+        ("eval.perplexity.seq_len", recipe.eval.perplexity.seq_len),
+        ("eval.latency.seq_len", recipe.eval.latency.seq_len),
+    ]
+    for i, variant in enumerate(recipe.variants):
+        for j, item in enumerate(variant.pipeline):
+            ((name, settings),) = item.items()
+            if isinstance(settings, dict) and isinstance(settings.get("seq_len"), int):
+                asks.append((f"variants[{i}].pipeline[{j}].{name}.seq_len", settings["seq_len"]))
+    for key, n in asks:
+        if n > max_len:
+            raise CompressError(f"{key} = {n} exceeds the model's context length {max_len}")
 
 
 def _eval_ids(recipe: Recipe, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -213,16 +274,56 @@ def failed(name: str, exc: BaseException) -> VariantResult:
     )
 
 
+def paired_latency(ws: Workspace, model: nn.Module, threads: int) -> dict[str, LatencyResult]:
+    """``{"baseline": ..., "variant": ...}``: both timed in alternating rounds in one
+    measurement (the variant alone when it is the baseline)."""
+    lat = ws.recipe.eval.latency
+    models = (
+        {"variant": model} if model is ws.baseline else {"baseline": ws.baseline, "variant": model}
+    )
+    timings = interleaved_latency(
+        models,
+        ws.input_vocab,
+        lat.batch_size,
+        lat.seq_len,
+        threads,
+        lat.warmup,
+        lat.repeats,
+        seed=ws.recipe.seed,
+    )
+    timings.setdefault("baseline", timings["variant"])
+    return timings
+
+
+def _later_references(recipe: Recipe) -> dict[str, int]:
+    """For each variant, the position (1 = the first variant after the baseline) of the last
+    variant that starts from it or distils from it: how long it must stay in memory."""
+    last: dict[str, int] = {}
+    for i, v in enumerate(recipe.variants, start=1):
+        last[v.start] = i
+        for stage in variant_stages(v):
+            teacher = getattr(stage.config, "teacher", None)
+            if teacher is not None:
+                last[teacher] = i
+    return last
+
+
 def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[VariantResult]:
-    """Build and measure the baseline and every variant; failures are isolated per variant."""
+    """Build and measure the baseline and every variant, one at a time; failures are isolated
+    per variant. Each variant's latency is timed paired with the baseline's, and the variant
+    is freed after it is measured unless a later variant starts from it or learns from it."""
     recipe = ws.recipe
+    threads = _threads(recipe)
+    keep_until = _later_references(recipe)
+    models: dict[str, nn.Module] = {BASELINE: ws.baseline}
+    chains: dict[str, list[StageReport]] = {BASELINE: []}
     results: list[VariantResult] = []
-    models: dict[str, nn.Module] = {}
+    baseline_samples: list[float] = []
     specs: list[tuple[str, VariantSpec | None]] = [(BASELINE, None)]
     specs += [(v.name, v) for v in recipe.variants]
-    chains: dict[str, list[StageReport]] = {}
-    for name, spec in specs:
+    for i, (name, spec) in enumerate(specs):
         log.info("variant %s: building and measuring", name)
+        model = None
         try:
             if spec is None:
                 model, reports, chain = ws.baseline, [], []
@@ -230,35 +331,35 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
                 model, reports = build_variant(ws, spec, models, progress)
                 chain = chains[spec.start] + reports
             res = measure_static(ws, name, model, reports, out_dir / "variants" / name, chain)
-            models[name] = model
             chains[name] = chain
+            if spec is not None or len(specs) == 1:
+                timings = paired_latency(ws, model, threads)
+                res.latency = timings["variant"]
+                baseline_samples += timings["baseline"].samples_ms
+                res.row.update(
+                    latency_ms_median=res.latency.median_ms,
+                    latency_ms_iqr=res.latency.iqr_ms,
+                    latency_ms_median_ratio=res.latency.median_ms / timings["baseline"].median_ms,
+                )
+            if spec is not None and keep_until.get(name, -1) > i:
+                models[name] = model
         except Exception as exc:  # one variant's failure never loses the others
             res = failed(name, exc)
         results.append(res)
-    lat = recipe.eval.latency
-    if models:
-        log.info("latency: %d interleaved rounds over %d variants", lat.repeats, len(models))
-        try:
-            timings = interleaved_latency(
-                models,
-                ws.tokenizer.vocab_size,
-                lat.batch_size,
-                lat.seq_len,
-                _threads(recipe),
-                lat.warmup,
-                lat.repeats,
-                seed=recipe.seed,
-            )
-        except Exception as exc:
-            timings = {}
-            for r in results:
-                if r.name in models:
-                    r.row.update(status="failed", error=f"latency: {type(exc).__name__}: {exc}")
-        for r in results:
-            if r.name in timings:
-                r.latency = timings[r.name]
-                r.row["latency_ms_median"] = r.latency.median_ms
-                r.row["latency_ms_iqr"] = r.latency.iqr_ms
+        if spec is not None:
+            del model  # freed now unless kept in `models` for a later variant
+        for done in [n for n in models if n != BASELINE and keep_until.get(n, -1) <= i]:
+            del models[done]
+    base = results[0]
+    if base.row.get("status") == "ok" and baseline_samples and base.latency is None:
+        lat = recipe.eval.latency  # the baseline's timings from every pair, pooled
+        base.latency = summarize(baseline_samples, lat.batch_size, lat.seq_len, threads, lat.warmup)
+    if base.latency is not None:
+        base.row.update(
+            latency_ms_median=base.latency.median_ms,
+            latency_ms_iqr=base.latency.iqr_ms,
+            latency_ms_median_ratio=1.0,
+        )
     return results
 
 

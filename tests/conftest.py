@@ -37,6 +37,20 @@ TINY_RECIPE: dict = {
 }
 
 
+def shared_data() -> Path:
+    """The shared real-text folder: ``$COMPRESS_SHARED_DATA`` or ``<repo>/../shared/data``."""
+    root = os.environ.get("COMPRESS_SHARED_DATA")
+    return Path(root) if root else REPO.parent / "shared" / "data"
+
+
+def require_shared(rel: str) -> Path:
+    """A file of the shared data folder; the test skips with the reason when it is absent."""
+    path = shared_data() / rel
+    if not path.is_file():
+        pytest.skip(f"shared test data {path} is absent (set COMPRESS_SHARED_DATA to its folder)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache for the whole session, so the tiny baseline is trained once."""
@@ -63,3 +77,30 @@ def tiny_workspace(cache_root: Path, tiny_recipe_dict: dict):
 
     recipe = recipe_from_dict(tiny_recipe_dict, "tiny.yaml", "tiny")
     return prepare(recipe, REPO, progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_model_dirs(tiny_workspace, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny trained GPT-2, OPT and Llama (GQA) model directories, by family (see hf_models)."""
+    pytest.importorskip("transformers")
+    from tests.hf_models import FAMILIES, build_trained, save_model_dir
+
+    root = tmp_path_factory.mktemp("hf-models")
+    ws = tiny_workspace
+    return {
+        family: save_model_dir(
+            build_trained(family, ws.tokenizer, ws.tokens["train"]), ws.tokenizer, root / family
+        )
+        for family in FAMILIES
+    }
+
+
+def hf_recipe(model_dir: Path, **overrides) -> dict:
+    """The tiny recipe on a Hugging Face model directory (its own tokenizer, no vocab_size)."""
+    recipe = yaml.safe_load(yaml.safe_dump(TINY_RECIPE))
+    recipe["name"] = f"tiny-{model_dir.name}"
+    recipe["model"] = {"hf": str(model_dir)}
+    recipe["data"] = {"corpus": "builtin"}
+    recipe.pop("train")
+    recipe.update(overrides)
+    return recipe

@@ -25,10 +25,9 @@ from pydantic import Field, field_validator
 
 from compress.compressors.base import StageConfig, StageContext, StageReport, register
 from compress.errors import CompressError
-from compress.models.gpt import GPT, GPTConfig
+from compress.models.adapter import adapter_for, families
+from compress.models.builtin import STUDENT_FIELDS as BUILTIN_STUDENT_FIELDS
 from compress.train import TrainConfig, estimate_loss, lm_loss, train
-
-STUDENT_FIELDS = ("n_layer", "n_head", "n_embd", "head_dim", "mlp_hidden")
 
 
 class DistillConfig(StageConfig):
@@ -54,20 +53,29 @@ class DistillConfig(StageConfig):
     @field_validator("student")
     @classmethod
     def _student_fields(cls, v: str | dict[str, int]) -> str | dict[str, int]:
+        # The model's family decides which sizes exist (checked again against the model);
+        # here: names some family knows, positive integers.
         if isinstance(v, dict):
-            bad = sorted(set(v) - set(STUDENT_FIELDS))
+            known = student_fields()
+            bad = sorted(set(v) - set(known))
             if bad or not v:
                 raise ValueError(
-                    f"student must be 'current' or a mapping of {', '.join(STUDENT_FIELDS)}; "
-                    f"got keys {bad or '(none)'}"
+                    "student must be 'current' or a mapping of model sizes (built-in GPT: "
+                    f"{', '.join(BUILTIN_STUDENT_FIELDS)}; Hugging Face models: their config "
+                    f"names, e.g. num_hidden_layers); got keys {bad or '(none)'}"
                 )
-            if any(not isinstance(x, int) or x < 1 for x in v.values()):
+            if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v.values()):
                 raise ValueError("student sizes must be positive integers")
         return v
 
     def train_config(self, seed: int) -> TrainConfig:
         fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"}
         return TrainConfig(**{k: v for k, v in self.model_dump().items() if k in fields}, seed=seed)
+
+
+def student_fields() -> tuple[str, ...]:
+    """Every size name some model family accepts for a new student."""
+    return tuple(dict.fromkeys(f for a in families().values() for f in a.student_fields()))
 
 
 def kd_loss(teacher: nn.Module, alpha: float, temperature: float):
@@ -94,16 +102,7 @@ def kd_loss(teacher: nn.Module, alpha: float, temperature: float):
 def _student(model: nn.Module, cfg: DistillConfig, seed: int) -> nn.Module:
     if cfg.student == "current":
         return model
-    if not isinstance(model, GPT):
-        raise CompressError("distill: a new student can only be built from a built-in GPT")
-    base: GPTConfig = model.config
-    overrides = dict(cfg.student)
-    if "n_embd" in overrides and "head_dim" not in overrides:
-        overrides["head_dim"] = overrides["n_embd"] // overrides.get("n_head", base.n_head)
-    if "n_embd" in overrides and "mlp_hidden" not in overrides:
-        overrides["mlp_hidden"] = 4 * overrides["n_embd"]
-    torch.manual_seed(seed)
-    return GPT(dataclasses.replace(base, **overrides))
+    return adapter_for(model).student(model, dict(cfg.student), seed)
 
 
 def _trainable(model: nn.Module) -> list[torch.nn.Parameter]:

@@ -45,6 +45,7 @@ from compress.compressors.base import StageConfig, StageContext, StageReport, re
 from compress.compressors.quantize import convert_linears
 from compress.compressors.targets import select_modules
 from compress.errors import CompressError
+from compress.models.adapter import adapter_for, model_device
 
 KIND = "dynamic-int8"
 QMAX = 127  # symmetric: codes in [-QMAX, QMAX]
@@ -148,16 +149,22 @@ def apply_dynamic_int8(
     model: nn.Module, cfg: DynamicInt8Config, ctx: StageContext
 ) -> tuple[nn.Module, StageReport]:
     """Dynamic int8 (torch/fbgemm): int8 weights and activations, int8 GEMM; fast on a CPU."""
+    if model_device(model).type != "cpu":
+        raise CompressError(
+            f"{KIND}: torch's dynamic int8 kernels (fbgemm) run on the CPU only; on "
+            f"{model_device(model)} use int8, nf4 or fp4"
+        )
     ignore = cfg.ignore
     untied = False
     if cfg.lm_head:
-        head = getattr(model, "lm_head", None)
+        name = adapter_for(model).lm_head(model)
+        head = model.get_submodule(name) if name else None
         if not isinstance(head, nn.Linear):
-            raise CompressError(f"{KIND}.lm_head: the model has no nn.Linear 'lm_head'")
+            raise CompressError(f"{KIND}.lm_head: the model has no nn.Linear LM head")
         if any(head.weight is getattr(m, "weight", None) for m in model.modules() if m is not head):
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
             untied = True
-        ignore = [s for s in ignore if s != "lm_head"]
+        ignore = [s for s in ignore if s not in ("lm_head", name)]
     sel = select_modules(model, (nn.Linear,), cfg.targets, ignore, stage=KIND)
     report = StageReport(stage=KIND, config=cfg.model_dump(), skipped=sel.skipped)
     spec = {"kind": KIND, "per_channel": cfg.per_channel}

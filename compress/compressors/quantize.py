@@ -48,16 +48,18 @@ def make_int8_linear(lin: nn.Linear, threshold: float) -> nn.Module:
         threshold=threshold,
         device="meta",
     )
+    device = lin.weight.device
     q.weight = bnb.nn.Int8Params(
         lin.weight.detach().to("cpu", torch.float32).clone(),
         requires_grad=False,
         has_fp16_weights=False,
     )
     if lin.bias is not None:
-        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-    # Moving a float Int8Params to a device quantizes it. bitsandbytes picks its kernels by
-    # train/eval mode, so the new layer takes the mode of the one it replaces.
-    return q.to("cpu").train(lin.training)
+        q.bias = nn.Parameter(lin.bias.detach().clone().cpu(), requires_grad=False)
+    # Moving a float Int8Params to a device quantizes it (on the CPU or the layer's GPU).
+    # bitsandbytes picks its kernels by train/eval mode, so the new layer takes the mode of
+    # the one it replaces.
+    return q.to(device).train(lin.training)
 
 
 def make_4bit_linear(
@@ -73,6 +75,7 @@ def make_4bit_linear(
         quant_type=quant_type,
         device="meta",
     )
+    device = lin.weight.device
     q.weight = bnb.nn.Params4bit(
         lin.weight.detach().to("cpu", torch.float32).clone(),
         requires_grad=False,
@@ -81,9 +84,9 @@ def make_4bit_linear(
         blocksize=blocksize,
     )
     if lin.bias is not None:
-        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        q.bias = nn.Parameter(lin.bias.detach().clone().cpu(), requires_grad=False)
     honor_compute_dtype(q)
-    return q.to("cpu").train(lin.training)
+    return q.to(device).train(lin.training)
 
 
 def honor_compute_dtype(q: nn.Module) -> None:

@@ -53,6 +53,7 @@ from pydantic import Field, model_validator
 from compress.compressors.base import StageConfig, StageContext, StageReport, register
 from compress.errors import CompressError
 from compress.evaluate.memory import stored_tensors
+from compress.models.adapter import adapter_for
 from compress.models.gpt import GPT
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def make_importance(name: str):
 
 
 def _check_model(model: nn.Module) -> GPT:
+    adapter_for(model).layout(model)  # a family without a known layout says so here
     if not isinstance(model, GPT):
         raise CompressError(
             f"structured: supports the built-in compress GPT only, got {type(model).__name__}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compress.data.corpus import Corpus, builtin_corpus, files_corpus
+from compress.data.corpus import Corpus, builtin_corpus, files_corpus, hf_corpus
 from compress.data.tokenizer import Tokenizer, encode_splits, train_tokenizer, unigram_perplexity
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "builtin_corpus",
     "encode_splits",
     "files_corpus",
+    "hf_corpus",
     "train_tokenizer",
     "unigram_perplexity",
 ]

@@ -386,3 +386,53 @@ def files_corpus(
     }
     source = f"{_describe_files(paths, base)} cut {fr[0]:g}/{fr[1]:g}/{fr[2]:g}"
     return _make_corpus("files", texts, documents, source)
+
+
+# --------------------------------------------------------------------------- datasets corpus
+
+
+def hf_corpus(
+    path: str,
+    name: str | None = None,
+    text_field: str = "text",
+    splits: dict[str, str] | None = None,
+) -> Corpus:
+    """A corpus from the Hugging Face ``datasets`` library (``load_dataset(path, name)``), its
+    splits as the dataset defines them (``splits`` maps train/valid/test to the dataset's split
+    names), each split's ``text_field`` rows joined by blank lines as the Hugging Face
+    perplexity guide does. Needs a network unless the dataset is in the local datasets cache.
+    """
+    splits = splits or {"train": "train", "valid": "validation", "test": "test"}
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise CompressError(
+            "data.corpus 'hf' needs the datasets library: pip install 'compress[hf]'"
+        ) from None
+    try:
+        ds = datasets.load_dataset(path, name)
+    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(
+            f"data: cannot load dataset {path!r}{f' ({name})' if name else ''}: {first}"
+        ) from None
+    texts: dict[str, str] = {}
+    documents: dict[str, int] = {}
+    for s in SPLITS:
+        split = splits.get(s)
+        if split not in ds:
+            raise CompressError(
+                f"data.splits.{s}: dataset {path!r} has no split {split!r}; it has {', '.join(ds)}"
+            )
+        if text_field not in ds[split].column_names:
+            raise CompressError(
+                f"data.text_field: split {split!r} has no column {text_field!r}; it has "
+                f"{', '.join(ds[split].column_names)}"
+            )
+        rows = ds[split][text_field]
+        texts[s] = _DOC_SEPARATOR.join(rows)
+        documents[s] = len(rows)
+        if not texts[s].strip():
+            raise CompressError(f"data: split {split!r} of {path!r} holds no text")
+    source = f"datasets {path}{f'/{name}' if name else ''} ({', '.join(splits[s] for s in SPLITS)})"
+    return _make_corpus("hf", texts, documents, source)

@@ -53,14 +53,21 @@ def _chunks(text: str, size: int = _CHUNK_CHARS) -> Iterator[str]:
 class Tokenizer:
     """A trained byte-level BPE tokenizer (a thin wrapper over Hugging Face ``tokenizers``)."""
 
-    def __init__(self, backend: _HFTokenizer) -> None:
-        eos = backend.token_to_id(EOS_TOKEN)
-        if eos is None:
-            raise CompressError(f"tokenizer has no {EOS_TOKEN!r} special token")
+    def __init__(
+        self, backend: _HFTokenizer, eos_token: str | None = EOS_TOKEN, chunked: bool = True
+    ) -> None:
+        """``backend``: a trained ``tokenizers.Tokenizer``; ``eos_token``: its end-of-text token
+        (a model's own tokenizer may have none); ``chunked``: encode long text in parallel
+        chunks cut at newlines, exact only for the byte-level BPE that :func:`train_tokenizer`
+        makes (other pre-tokenizers may treat a chunk's start differently)."""
+        eos = backend.token_to_id(eos_token) if eos_token is not None else None
+        if eos_token is not None and eos is None:
+            raise CompressError(f"tokenizer has no {eos_token!r} special token")
         self._backend = backend
+        self._chunked = chunked
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self.fingerprint: str = stable_hash(backend.to_str())
-        self.eos_id: int = eos
+        self.eos_id: int | None = eos
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
@@ -73,7 +80,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added). Long text is encoded in parallel
         chunks; the result equals encoding it in one call."""
-        if len(text) <= _CHUNK_CHARS:
+        if len(text) <= _CHUNK_CHARS or not self._chunked:
             return self._backend.encode(text, add_special_tokens=False).ids
         encodings = self._backend.encode_batch(list(_chunks(text)), add_special_tokens=False)
         return list(chain.from_iterable(e.ids for e in encodings))

@@ -6,9 +6,11 @@ from __future__ import annotations
 DEFINITIONS: dict[str, str] = {
     "perplexity": (
         "exp of the token-weighted mean negative log-likelihood (natural log) of the held-out "
-        "split's tokens. The split's token stream is cut into windows of seq_len tokens starting "
-        "every stride tokens; each target token is scored exactly once, by the first window that "
-        "contains it. Every variant of a run is scored on exactly the same tokens."
+        "split's tokens, as the Hugging Face guide 'Perplexity of fixed-length models' defines "
+        "it: windows of at most seq_len tokens start every stride tokens, and each window scores "
+        "only the tokens after the previous window's end, each from the tokens before it in the "
+        "window (with stride = seq_len the first token of each window is not scored). Every "
+        "variant of a run is scored on exactly the same tokens."
     ),
     "unigram perplexity": (
         "perplexity of a unigram model (token frequencies of the training split, add-one "
@@ -18,8 +20,10 @@ DEFINITIONS: dict[str, str] = {
     "latency_ms_median / latency_ms_iqr": (
         "median and interquartile range (75th minus 25th percentile) of the wall time of one "
         "forward pass over a batch of token ids, at the stated batch size, sequence length and "
-        "torch thread count, after warm-up passes. All variants are timed in the same run in "
-        "alternating rounds (one pass each per round, rotating order), so ratios are side by side."
+        "torch thread count, after warm-up passes (on CUDA, timed to completion). Each variant is "
+        "timed together with the baseline in alternating rounds (one pass each per round), and "
+        "latency_ms_median_ratio is the variant's median over the baseline's median of that same "
+        "measurement; the baseline's row pools its timings from every such measurement."
     ),
     "weight_bytes": (
         "exact bytes of every tensor in the model's state dict as stored, shared (tied) tensors "

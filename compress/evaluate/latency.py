@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from compress.models.adapter import model_device
+
 
 @dataclass(frozen=True)
 class LatencyResult:
@@ -40,6 +42,26 @@ def quartiles(samples: list[float]) -> tuple[float, float, float]:
     return q25, q50, q75
 
 
+def summarize(
+    samples: list[float], batch_size: int, seq_len: int, threads: int, warmup: int
+) -> LatencyResult:
+    """Median, quartiles and minimum of ``samples`` (ms) taken at the stated settings."""
+    q25, q50, q75 = quartiles(samples)
+    return LatencyResult(
+        q50,
+        q75 - q25,
+        q25,
+        q75,
+        min(samples),
+        batch_size,
+        seq_len,
+        threads,
+        warmup,
+        len(samples),
+        list(samples),
+    )
+
+
 @torch.inference_mode()
 def interleaved_latency(
     models: dict[str, nn.Module],
@@ -63,24 +85,27 @@ def interleaved_latency(
         0, vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed)
     )
     names = list(models)
+    inputs = {n: x.to(model_device(models[n])) for n in names}
+    cuda = any(t.device.type == "cuda" for t in inputs.values())
     samples: dict[str, list[float]] = {n: [] for n in names}
+
+    def sync() -> None:
+        if cuda:  # kernels run asynchronously: time them to completion
+            torch.cuda.synchronize()
+
     try:
         for n in names:
             models[n].eval()
             for _ in range(warmup):
-                models[n](x)
+                models[n](inputs[n])
         for r in range(repeats):
             k = r % len(names)
             for n in names[k:] + names[:k]:
+                sync()
                 t0 = time.perf_counter()
-                models[n](x)
+                models[n](inputs[n])
+                sync()
                 samples[n].append((time.perf_counter() - t0) * 1000)
     finally:
         torch.set_num_threads(prev)
-    out = {}
-    for n, s in samples.items():
-        q25, q50, q75 = quartiles(s)
-        out[n] = LatencyResult(
-            q50, q75 - q25, q25, q75, min(s), batch_size, seq_len, threads, warmup, repeats, s
-        )
-    return out
+    return {n: summarize(s, batch_size, seq_len, threads, warmup) for n, s in samples.items()}

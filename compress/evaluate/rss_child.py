@@ -36,20 +36,28 @@ def main(argv: list[str]) -> None:
     variant_dir, batch, seq_len, threads = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
     import torch
 
+    from compress.models.adapter import adapter_for
     from compress.variant import BNB_KINDS, MANIFEST, load_variant
 
     torch.set_num_threads(threads)
     # Libraries the variant needs to run count as runtime, not as the model's memory; only
-    # bitsandbytes layers need bitsandbytes (torch's dynamic int8 does not).
-    specs = json.loads((Path(variant_dir) / MANIFEST).read_text()).get("quantized", {})
+    # bitsandbytes layers need bitsandbytes (torch's dynamic int8 does not), only Hugging Face
+    # models need transformers.
+    manifest = json.loads((Path(variant_dir) / MANIFEST).read_text())
+    specs = manifest.get("quantized", {})
     if any(spec["kind"] in BNB_KINDS for spec in specs.values()):
         from compress._bnb import import_bnb
 
         import_bnb()
+    arch = manifest.get("architecture")
+    if isinstance(arch, dict) and arch.get("family") not in (None, "builtin"):
+        from compress.models.hf import import_transformers
+
+        import_transformers().AutoModelForCausalLM  # noqa: B018  (its lazy import, done now)
     after_import = _rss_bytes()
     model = load_variant(variant_dir)
     after_load = _rss_bytes()
-    vocab = model.config.vocab_size
+    vocab = adapter_for(model).vocab_size(model)
     x = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         model(x)

@@ -19,14 +19,15 @@ logger = logging.getLogger(__name__)
 
 RATIO_METRICS: tuple[str, ...] = (
     "perplexity",
-    "latency_ms_median",
     "weight_bytes",
     "saved_bytes",
     "peak_rss_bytes",
     "model_rss_bytes",
     "params",
 )
-"""Metrics divided by the baseline's (row 0) value to give `<metric>_ratio`."""
+"""Metrics divided by the baseline's (row 0) value to give `<metric>_ratio`. The latency ratio
+is not among them: it is measured paired (variant and baseline in alternating rounds) and
+arrives in the row as `latency_ms_median_ratio`."""
 
 QUANTIZED_RATIO = "quantized_layer_bytes_ratio"
 """Bytes of the quantized layers relative to their fp32 size, within the same row."""

@@ -225,9 +225,7 @@ def run_sweep(
     opened = False
     try:
         ws = prepare(recipe, recipe_path.resolve().parent, progress=progress)
-        info = ws.baseline_info
-        how = "loaded from cache" if info.cached else f"trained in {info.train['seconds']:.0f} s"
-        echo(f"baseline '{recipe.model.preset}': {how} ({info.path})")
+        echo(ws.baseline_info.headline())
         sampler_probe = optuna.samplers.RandomSampler()
         st, created = open_study(rdb, name, recipe, ws, sampler_probe)
         opened = True
@@ -310,8 +308,11 @@ def run_sweep(
         else {
             "key": ws.baseline_info.key,
             "cached": ws.baseline_info.cached,
+            "description": ws.baseline_info.description,
             # how its training ended (steps, stopped_by, seconds): a capped baseline is weaker
-            "train": {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
+            "train": None
+            if ws.baseline_info.train is None
+            else {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
         },
         "workers": workers,
         "seconds": seconds,

@@ -47,12 +47,11 @@ from optuna.trial import FrozenTrial, TrialState
 from compress import __version__, gate
 from compress.cache import cache_dir, stable_hash
 from compress.errors import CompressError
-from compress.evaluate.latency import interleaved_latency
 from compress.recipe import Recipe, VariantSpec
 from compress.report.tables import add_ratios, jsonable
 from compress.storage import ARTIFACT_DIR, mask_url
 from compress.sweep.space import ParamSpec, SweepSpec, defaults, is_active, resolve
-from compress.workbench import Workspace, build_variant, measure_static
+from compress.workbench import Workspace, build_variant, measure_static, paired_latency
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +334,6 @@ def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
     """Build the variant and measure it: static metrics under the shared gate, then the
     paired latency (baseline and variant in alternating rounds) under the exclusive gate.
     Returns (measured metrics, details for the trial's attached report)."""
-    lat = w.recipe.eval.latency
     vdir = w.out_dir / "checkpoints" / f"trial-{number}"
     with gate.computing():
         if pipeline:
@@ -352,22 +350,10 @@ def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
         with contextlib.suppress(OSError):  # another worker's checkpoint may still be there
             vdir.parent.rmdir()
     with gate.exclusive() as waited:
-        models = (
-            {"variant": model} if not pipeline else {"baseline": w.ws.baseline, "variant": model}
-        )
-        timings = interleaved_latency(
-            models,
-            w.ws.tokenizer.vocab_size,
-            lat.batch_size,
-            lat.seq_len,
-            w.latency_threads,
-            lat.warmup,
-            lat.repeats,
-            seed=w.recipe.seed,
-        )
+        timings = paired_latency(w.ws, model, w.latency_threads)
     measured = {k: res.row[k] for k in MEASURED_KEYS if k in res.row}
     v = timings["variant"]
-    b = timings.get("baseline", v)
+    b = timings["baseline"]
     measured.update(
         latency_ms=v.median_ms,
         latency_iqr_ms=v.iqr_ms,

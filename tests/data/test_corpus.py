@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,21 +9,7 @@ import pytest
 from compress.data import Corpus, builtin_corpus, files_corpus
 from compress.data import corpus as corpus_mod
 from compress.errors import CompressError
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def shared_data() -> Path:
-    """The shared real-text folder: ``$COMPRESS_SHARED_DATA`` or ``<repo>/../shared/data``."""
-    root = os.environ.get("COMPRESS_SHARED_DATA")
-    return Path(root) if root else REPO_ROOT.parent / "shared" / "data"
-
-
-def require_shared(rel: str) -> Path:
-    path = shared_data() / rel
-    if not path.is_file():
-        pytest.skip(f"shared test data {path} is absent (set COMPRESS_SHARED_DATA to its folder)")
-    return path
+from tests.conftest import require_shared
 
 
 @pytest.fixture(autouse=True)

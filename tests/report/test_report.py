@@ -68,6 +68,7 @@ def fake_rows() -> list[dict]:
         perplexity=41.7,
         latency_ms_median=6.0,
         latency_ms_iqr=0.3,
+        latency_ms_median_ratio=0.48,  # measured paired: not 6.0 / 12.0
     )
     failed = {
         "variant": EVIL,
@@ -110,7 +111,9 @@ def test_add_ratios_values_and_none() -> None:
     for metric in RATIO_METRICS:
         assert base[f"{metric}_ratio"] == pytest.approx(1.0)
     assert int8["weight_bytes_ratio"] == pytest.approx(0.25)
-    assert int8["latency_ms_median_ratio"] == pytest.approx(0.5)
+    # measured paired (variant and baseline in alternating rounds): kept, never recomputed
+    assert int8["latency_ms_median_ratio"] == 0.48
+    assert "latency_ms_median_ratio" not in base
     assert int8["perplexity_ratio"] == pytest.approx(41.7 / 41.3)
     assert int8["params_ratio"] == pytest.approx(1.0)
     assert int8["quantized_layer_bytes_ratio"] == pytest.approx(0.25)
