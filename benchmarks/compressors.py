@@ -84,14 +84,14 @@ def goals(results: dict[str, dict]) -> list[tuple[str, bool | None, str]]:
     r = rows("structured30")
     if r:
         b, s, rec = (r[k] for k in ("baseline", "structured30", "structured30-recovered"))
-        pr, lr = ratio(s, b, "params"), ratio(s, b, "latency_ms_median")
-        iqr = s["latency_ms_iqr"] / b["latency_ms_median"]
+        pr, lr = ratio(s, b, "param_count"), s["latency_ratio"]
+        iqr = s["latency_iqr_ms"] / b["latency_ms"]
         out.append(
             (
                 "structured 30%: parameters down at least 25%, latency down measurably",
                 pr <= 0.75 and lr + iqr / 2 < 1,
                 f"params {pr:.3f}x, latency {lr:.3f}x (IQR {iqr:.3f} of baseline median; "
-                f"{s['latency_ms_median']:.1f} vs {b['latency_ms_median']:.1f} ms), perplexity "
+                f"{s['latency_ms']:.1f} vs {b['latency_ms']:.1f} ms), perplexity "
                 f"{b['perplexity']:.2f} -> {s['perplexity']:.2f} -> recovered "
                 f"{rec['perplexity']:.2f}",
             )
@@ -99,18 +99,18 @@ def goals(results: dict[str, dict]) -> list[tuple[str, bool | None, str]]:
     r = rows("cpu-int8")
     if r:
         b, d = r["baseline"], r["dynamic-int8"]
-        speed = b["latency_ms_median"] / d["latency_ms_median"]
+        speed = 1 / d["latency_ratio"]  # measured paired with the baseline
         pr = ratio(d, b, "perplexity")
         lat = results["cpu-int8"]["meta"]["variants"]["baseline"]["latency"]
         out.append(
             (
                 "CPU-fast int8: >= 1.5x faster than fp32 at batch 8x256, perplexity within 1%",
                 speed >= 1.5 and abs(pr - 1) <= 0.01,
-                f"{speed:.2f}x faster ({d['latency_ms_median']:.1f} vs "
-                f"{b['latency_ms_median']:.1f} ms at batch {lat['batch_size']}x{lat['seq_len']}, "
+                f"{speed:.2f}x faster ({d['latency_ms']:.1f} vs "
+                f"{b['latency_ms']:.1f} ms at batch {lat['batch_size']}x{lat['seq_len']}, "
                 f"{lat['threads']} threads), "
                 f"perplexity ratio {pr:.4f}; bitsandbytes int8 latency "
-                f"{fmt(ratio(r['bnb-int8'], b, 'latency_ms_median'), '.2f')}x",
+                f"{fmt(r['bnb-int8']['latency_ratio'], '.2f')}x",
             )
         )
     r = rows("distill")
@@ -120,7 +120,8 @@ def goals(results: dict[str, dict]) -> list[tuple[str, bool | None, str]]:
             (
                 "distillation: a half-size student beats the same student trained on labels alone",
                 d["perplexity"] < s["perplexity"],
-                f"student params {ratio(d, b, 'params'):.3f}x; distilled {d['perplexity']:.2f} vs "
+                f"student params {ratio(d, b, 'param_count'):.3f}x; "
+                f"distilled {d['perplexity']:.2f} vs "
                 f"labels only {s['perplexity']:.2f} (baseline {b['perplexity']:.2f}), same budget",
             )
         )
@@ -159,22 +160,23 @@ def main() -> None:
             table.append(
                 f"| {name} | {row['variant']} | {row.get('stages') or '-'} "
                 f"| {row['perplexity']:.2f} | {ratio(row, base, 'perplexity'):.4f} "
-                f"| {row['latency_ms_median']:.1f} ({row['latency_ms_iqr']:.1f}) "
-                f"| {ratio(row, base, 'latency_ms_median'):.3f} "
+                f"| {row['latency_ms']:.1f} ({row['latency_iqr_ms']:.1f}) "
+                f"| {row['latency_ratio']:.3f} "
                 f"| {ratio(row, base, 'weight_bytes'):.3f} | {fmt(q)} "
                 f"| {ratio(row, base, 'saved_bytes'):.3f} "
                 f"| {fmt(ratio(row, base, 'model_rss_bytes'))} "
-                f"| {ratio(row, base, 'params'):.3f} | {row['sparsity']:.3f} |"
+                f"| {ratio(row, base, 'param_count'):.3f} | {row['sparsity']:.3f} |"
             )
             for key in (
                 "perplexity",
-                "latency_ms_median",
-                "latency_ms_iqr",
+                "latency_ms",
+                "latency_iqr_ms",
+                "latency_ratio",
                 "weight_bytes",
                 "saved_bytes",
                 "model_rss_bytes",
                 "peak_rss_bytes",
-                "params",
+                "param_count",
                 "sparsity",
             ):
                 if row.get(key) is not None:

@@ -136,7 +136,7 @@ def main() -> None:
         "cached_run_wall_s": warm_s,
         "cached_run_setup_s": warm["meta"]["setup_seconds"],
         "cached_run_baseline_cached": warm["meta"]["baseline"]["cached"],
-        "baseline_params": base["params"],
+        "baseline_params": base["param_count"],
         "baseline_perplexity": base["perplexity"],
         "unigram_perplexity": meta["unigram_perplexity"],
         "baseline_over_unigram": base["perplexity"] / meta["unigram_perplexity"],
@@ -151,7 +151,7 @@ def main() -> None:
             row["quantized_layer_bytes"] / row["quantized_layer_fp32_bytes"]
         )
         results[f"{name}_weight_bytes_ratio"] = row["weight_bytes"] / base["weight_bytes"]
-        results[f"{name}_latency_ratio"] = row["latency_ms_median"] / base["latency_ms_median"]
+        results[f"{name}_latency_ratio"] = row["latency_ratio"]  # measured paired
     results.update({f"eval_{k}": v for k, v in thr.items() if k != "samples"})
 
     env_info = environment()

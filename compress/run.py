@@ -89,9 +89,9 @@ def summary_table(rows: list[dict]) -> str:
                 _fmt(r.get("perplexity"), ".3f"),
                 _fmt(r.get("perplexity_ratio"), ".4f"),
                 "-"
-                if r.get("latency_ms_median") is None
-                else f"{r['latency_ms_median']:.2f} ± {r['latency_ms_iqr']:.2f}",
-                _fmt(r.get("latency_ms_median_ratio"), ".3f"),
+                if r.get("latency_ms") is None
+                else f"{r['latency_ms']:.2f} ± {r['latency_iqr_ms']:.2f}",
+                _fmt(r.get("latency_ratio"), ".3f"),
                 _fmt_bytes(r.get("weight_bytes")),
                 _fmt(r.get("weight_bytes_ratio"), ".3f"),
                 _fmt(r.get("quantized_layer_bytes_ratio"), ".3f"),
@@ -117,7 +117,7 @@ def _sections(
     baseline_rows = [
         {
             "what": "model",
-            "value": f"{info.description}, {base.get('params', 0):,} parameters",
+            "value": f"{info.description}, {base.get('param_count') or 0:,} parameters",
         },
         {"what": "baseline key", "value": info.key},
         {"what": "source", "value": str(info.path)},

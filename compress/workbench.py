@@ -50,6 +50,7 @@ from compress.evaluate.memory import (
     peak_rss,
 )
 from compress.evaluate.perplexity import PerplexityResult, perplexity
+from compress.metrics import Measurement
 from compress.models.adapter import ModelAdapter, adapter_for, resolve_device
 from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baseline
 from compress.models.gpt import PRESETS, GPTConfig
@@ -88,12 +89,30 @@ class Workspace:
 @dataclass
 class VariantResult:
     name: str
-    row: dict
+    measurement: Measurement = field(default_factory=Measurement)
+    description: str = ""  # its stages from the baseline on, e.g. "prune(sparsity=0.5) -> int8"
+    error: str | None = None  # why it failed; None when it was measured
     stages: list[StageReport] = field(default_factory=list)
     perplexity: PerplexityResult | None = None
     latency: LatencyResult | None = None
     rss: dict | None = None
     traceback: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.error is None else "failed"
+
+    @property
+    def row(self) -> dict:
+        """The flat record of the run's CSV, JSON and study: name, status, error, stages, then
+        every metric of the catalog (:mod:`compress.metrics`)."""
+        return {
+            "variant": self.name,
+            "status": self.status,
+            "error": self.error,
+            "stages": self.description,
+            **self.measurement.to_dict(),
+        }
 
 
 def train_config(recipe: Recipe) -> TrainConfig:
@@ -218,19 +237,16 @@ def measure_static(
     chain = reports if chain is None else chain
     quant = [r for r in chain if "bits_per_weight" in r.extra]
     zeros, total = count_zeros(model)
-    row: dict = {
-        "variant": name,
-        "status": "ok",
-        "error": None,
-        "stages": " -> ".join(f"{r.stage}({d})" if (d := _describe(r)) else r.stage for r in chain),
-        "params": param_count(model),
-        "weight_bytes": module_weight_bytes(model),
-        "quantized_layer_bytes": sum(r.touched_bytes_after for r in quant),
-        "quantized_layer_fp32_bytes": sum(r.touched_bytes_before for r in quant),
-        "bits_per_weight": quant[-1].extra["bits_per_weight"] if quant else 32.0,
-        "sparsity": zeros / total if total else 0.0,
-        "quantized_modules": sum(len(r.touched) for r in quant),
-    }
+    description = " -> ".join(f"{r.stage}({d})" if (d := _describe(r)) else r.stage for r in chain)
+    m = Measurement(
+        param_count=param_count(model),
+        weight_bytes=module_weight_bytes(model),
+        quantized_layer_bytes=sum(r.touched_bytes_after for r in quant),
+        quantized_layer_fp32_bytes=sum(r.touched_bytes_before for r in quant),
+        bits_per_weight=quant[-1].extra["bits_per_weight"] if quant else 32.0,
+        sparsity=zeros / total if total else 0.0,
+        quantized_modules=sum(len(r.touched) for r in quant),
+    )
     ppl_spec = recipe.eval.perplexity
     ppl = perplexity(
         model,
@@ -241,20 +257,20 @@ def measure_static(
     )
     if not torch.isfinite(torch.tensor(ppl.perplexity)):
         raise FloatingPointError(f"perplexity is {ppl.perplexity}")
-    row.update(perplexity=ppl.perplexity, nll=ppl.nll, eval_tokens=ppl.tokens)
+    m.perplexity, m.nll, m.eval_tokens = ppl.perplexity, ppl.nll, ppl.tokens
     if variant_dir.exists():
         shutil.rmtree(variant_dir)
-    save_variant(model, variant_dir, extra={"variant": name, "stages": row["stages"]})
-    row["saved_bytes"] = dir_bytes(variant_dir)
+    save_variant(model, variant_dir, extra={"variant": name, "stages": description})
+    m.saved_bytes = dir_bytes(variant_dir)
     rss = None
     if recipe.eval.memory.peak_rss:
         lat = recipe.eval.latency
         rss = peak_rss(variant_dir, lat.batch_size, lat.seq_len, _threads(recipe))
-        row["peak_rss_bytes"] = rss["peak_rss_bytes"]
-        row["rss_after_load_bytes"] = rss["rss_after_load_bytes"]
-        row["rss_after_import_bytes"] = rss["rss_after_import_bytes"]
-        row["model_rss_bytes"] = rss["peak_rss_bytes"] - rss["rss_after_import_bytes"]
-    return VariantResult(name, row, reports, ppl, None, rss)
+        m.peak_rss_bytes = rss["peak_rss_bytes"]
+        m.rss_after_load_bytes = rss["rss_after_load_bytes"]
+        m.rss_after_import_bytes = rss["rss_after_import_bytes"]
+        m.model_rss_bytes = rss["peak_rss_bytes"] - rss["rss_after_import_bytes"]
+    return VariantResult(name, m, description, None, reports, ppl, None, rss)
 
 
 def _describe(report: StageReport) -> str:
@@ -268,9 +284,7 @@ def _threads(recipe: Recipe) -> int:
 def failed(name: str, exc: BaseException) -> VariantResult:
     log.error("variant %s failed: %s: %s", name, type(exc).__name__, exc)
     return VariantResult(
-        name,
-        {"variant": name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"},
-        traceback=traceback.format_exc(),
+        name, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
     )
 
 
@@ -336,11 +350,7 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
                 timings = paired_latency(ws, model, threads)
                 res.latency = timings["variant"]
                 baseline_samples += timings["baseline"].samples_ms
-                res.row.update(
-                    latency_ms_median=res.latency.median_ms,
-                    latency_ms_iqr=res.latency.iqr_ms,
-                    latency_ms_median_ratio=res.latency.median_ms / timings["baseline"].median_ms,
-                )
+                set_latency(res.measurement, timings)
             if spec is not None and keep_until.get(name, -1) > i:
                 models[name] = model
         except Exception as exc:  # one variant's failure never loses the others
@@ -351,16 +361,19 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
         for done in [n for n in models if n != BASELINE and keep_until.get(n, -1) <= i]:
             del models[done]
     base = results[0]
-    if base.row.get("status") == "ok" and baseline_samples and base.latency is None:
+    if base.status == "ok" and baseline_samples and base.latency is None:
         lat = recipe.eval.latency  # the baseline's timings from every pair, pooled
         base.latency = summarize(baseline_samples, lat.batch_size, lat.seq_len, threads, lat.warmup)
-    if base.latency is not None:
-        base.row.update(
-            latency_ms_median=base.latency.median_ms,
-            latency_ms_iqr=base.latency.iqr_ms,
-            latency_ms_median_ratio=1.0,
-        )
+        set_latency(base.measurement, {"baseline": base.latency, "variant": base.latency})
     return results
+
+
+def set_latency(m: Measurement, timings: dict[str, LatencyResult]) -> None:
+    """The latency metrics of a paired measurement (see :func:`paired_latency`)."""
+    v, b = timings["variant"], timings["baseline"]
+    m.latency_ms, m.latency_iqr_ms = v.median_ms, v.iqr_ms
+    m.latency_baseline_ms = b.median_ms
+    m.latency_ratio = v.median_ms / b.median_ms
 
 
 def environment() -> dict[str, str]:

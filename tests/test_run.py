@@ -59,18 +59,18 @@ def test_csv_has_one_row_per_variant_baseline_first(first_run) -> None:
     assert nf4["quantized_layer_bytes_ratio"] < int8["quantized_layer_bytes_ratio"]
     assert nf4["weight_bytes"] < int8["weight_bytes"] < base["weight_bytes"]
     for col in (
-        "latency_ms_median",
-        "latency_ms_iqr",
+        "latency_ms",
+        "latency_iqr_ms",
         "saved_bytes",
         "peak_rss_bytes",
-        "params",
+        "param_count",
         "eval_tokens",
-        "latency_ms_median_ratio",
+        "latency_ratio",
         "peak_rss_bytes_ratio",
     ):
         assert df[col].notna().all(), col
     assert (df["eval_tokens"] == df["eval_tokens"].iloc[0]).all()  # same tokens for all
-    assert (df["params"] == base["params"]).all()  # quantization keeps the parameter count
+    assert (df["param_count"] == base["param_count"]).all()  # quantizing keeps the count
 
 
 def test_baseline_beats_unigram_and_report_says_so(first_run) -> None:

@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from compress.report.tables import add_ratios, as_float
+from compress.metrics import as_float
+from compress.report.tables import add_ratios
 
 logger = logging.getLogger(__name__)
 
@@ -124,18 +125,18 @@ _SUMMARY_HEADERS: tuple[str, ...] = (
 
 
 def _summary_cells(row: dict) -> list[str]:
-    median = as_float(row.get("latency_ms_median"))
-    iqr = as_float(row.get("latency_ms_iqr"))
+    median = as_float(row.get("latency_ms"))
+    iqr = as_float(row.get("latency_iqr_ms"))
     if median is None:
         latency = "—"
     else:
         latency = f"{median:.2f}" + ("" if iqr is None else f" ± {iqr:.2f}")
-    params = as_float(row.get("params"))
+    params = as_float(row.get("param_count"))
     return [
         _num(row.get("perplexity"), ".2f"),
         _num(row.get("perplexity_ratio"), ".3f"),
         latency,
-        _num(row.get("latency_ms_median_ratio"), ".3f"),
+        _num(row.get("latency_ratio"), ".3f"),
         _num(row.get("weight_bytes"), ".2f", _MB),
         _num(row.get("weight_bytes_ratio"), ".3f"),
         _num(row.get("quantized_layer_bytes_ratio"), ".3f"),

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from compress.report.tables import add_ratios, as_float
+from compress.metrics import as_float
+from compress.report.tables import add_ratios
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def legend_png(fig: Figure) -> bytes:
 def _single_chart(
     rows: list[dict], key: str, title: str, err_key: str | None = None
 ) -> bytes | None:
-    baseline_median = as_float(rows[0].get("latency_ms_median")) if rows else None
+    baseline_median = as_float(rows[0].get("latency_ms")) if rows else None
     names: list[str] = []
     heights: list[float] = []
     errors: list[float] = []
@@ -146,8 +147,8 @@ def ratio_bar_charts(rows: Sequence[dict]) -> list[tuple[str, bytes]]:
         ("Perplexity relative to baseline", "perplexity_ratio", None),
         (
             "Forward latency relative to baseline (median, IQR bars)",
-            "latency_ms_median_ratio",
-            "latency_ms_iqr",
+            "latency_ratio",
+            "latency_iqr_ms",
         ),
     )
     for title, key, err_key in specs:

@@ -16,17 +16,14 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from compress.report.tables import as_float, jsonable
+from compress.metrics import as_float
+from compress.report.tables import jsonable
 from compress.storage import STUDY_FILE, SWEEP_FILE, command_for, sqlite_url
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES: tuple[tuple[str, str], ...] = (
-    ("perplexity", "perplexity"),
-    ("latency_ms", "latency_ms_median"),
-    ("weight_bytes", "weight_bytes"),
-)
-"""(metric name shown in the study, row key it is read from), in objective order."""
+OBJECTIVES: tuple[str, ...] = ("perplexity", "latency_ms", "weight_bytes")
+"""The study's objectives (metric keys of :mod:`compress.metrics`), in order."""
 
 
 def _objective_values(row: dict) -> tuple[list[float] | None, str | None]:
@@ -35,7 +32,7 @@ def _objective_values(row: dict) -> tuple[list[float] | None, str | None]:
         return None, str(row.get("error") or f"status {row.get('status')!r}")
     values: list[float] = []
     missing: list[str] = []
-    for _, key in OBJECTIVES:
+    for key in OBJECTIVES:
         value = as_float(row.get(key))  # None for missing and NaN
         if value is None:
             missing.append(key)
@@ -86,7 +83,7 @@ def write_study(
         )
         with warnings.catch_warnings():  # experimental in optuna, but stable in practice
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([name for name, _ in OBJECTIVES])
+            study.set_metric_names(list(OBJECTIVES))
         for key, value in (meta or {}).items():
             study.set_user_attr(str(key), jsonable(value))
 

@@ -25,29 +25,14 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from compress.metrics import as_float, ratio
 from compress.report.html import _MB, _charts_html, format_value, html_page, html_table
 from compress.report.plots import legend_png
-from compress.report.tables import as_float, jsonable, ratio, write_csv, write_json
+from compress.report.tables import METRIC_COLUMNS, jsonable, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
-METRIC_KEYS: tuple[str, ...] = (
-    "perplexity",
-    "perplexity_ratio",
-    "latency_ms",
-    "latency_iqr_ms",
-    "latency_baseline_ms",
-    "latency_ratio",
-    "weight_bytes",
-    "weight_bytes_ratio",
-    "param_count",
-    "param_count_ratio",
-    "sparsity",
-    "bits_per_weight",
-    "saved_bytes",
-    "peak_rss_bytes",
-    "model_rss_bytes",
-)
+METRIC_KEYS: tuple[str, ...] = METRIC_COLUMNS
 """The flat metric keys a trial record may carry (any may be missing or None)."""
 
 # Keys of a trial record that are not metrics and get their own columns (or none) in tables.

@@ -9,84 +9,47 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from compress.metrics import CATALOG, QUANTIZED_RATIO, RATIO_OF, ratios
+
 logger = logging.getLogger(__name__)
 
-RATIO_METRICS: tuple[str, ...] = (
-    "perplexity",
-    "weight_bytes",
-    "saved_bytes",
-    "peak_rss_bytes",
-    "model_rss_bytes",
-    "params",
-)
+RATIO_METRICS: tuple[str, ...] = RATIO_OF
 """Metrics divided by the baseline's (row 0) value to give `<metric>_ratio`. The latency ratio
 is not among them: it is measured paired (variant and baseline in alternating rounds) and
-arrives in the row as `latency_ms_median_ratio`."""
-
-QUANTIZED_RATIO = "quantized_layer_bytes_ratio"
-"""Bytes of the quantized layers relative to their fp32 size, within the same row."""
-
-# Column order of the CSV: each metric followed by its ratio, the quantized-layer bytes
-# next to the weight bytes they are part of.
-_METRIC_ORDER: tuple[str, ...] = (
-    "perplexity",
-    "latency_ms_median",
-    "weight_bytes",
-    "quantized_layer_bytes",
-    "saved_bytes",
-    "peak_rss_bytes",
-    "model_rss_bytes",
-    "params",
-)
+arrives in the row as `latency_ratio`."""
 
 
-def as_float(value: Any) -> float | None:
-    """`value` as a float, or None when it is missing, not a number, or NaN."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(out) else out
+def _column_order() -> tuple[str, ...]:
+    """Each metric of the catalog followed by its ratio (the quantized-layer ratio next to the
+    quantized-layer bytes)."""
+    out: list[str] = []
+    for m in CATALOG:
+        out.append(m.key)
+        if m.key in RATIO_OF:
+            out.append(f"{m.key}_ratio")
+        if m.key == "quantized_layer_bytes":
+            out.append(QUANTIZED_RATIO)
+    return tuple(out)
 
 
-def ratio(num: Any, den: Any) -> float | None:
-    """num / den as a float; None when either is missing (None/NaN) or den is 0."""
-    a, b = as_float(num), as_float(den)
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
+METRIC_COLUMNS: tuple[str, ...] = _column_order()
+"""Every metric key, measured and ratio, in the column order of CSVs and tables."""
 
 
-def add_ratios(rows: Sequence[dict], metrics: Iterable[str] = RATIO_METRICS) -> list[dict]:
-    """New row dicts with `<metric>_ratio` = value / baseline value (row 0).
-
-    A ratio is None where the value or the baseline value is missing (None/NaN) or the
-    baseline value is 0. Each row also gets `quantized_layer_bytes_ratio` =
-    `quantized_layer_bytes / quantized_layer_fp32_bytes` of that same row (None when the
-    denominator is 0 or missing). The input rows are not modified.
-    """
-    metrics = tuple(metrics)
+def add_ratios(rows: Sequence[dict]) -> list[dict]:
+    """New row dicts with `<metric>_ratio` = value / baseline value (row 0) for every metric of
+    `RATIO_METRICS`, and `quantized_layer_bytes_ratio` within each row
+    (:func:`compress.metrics.ratios`). A ratio is None where a value is missing (None/NaN) or
+    the denominator is 0. The input rows are not modified."""
     if not rows:
         return []
-    baseline = rows[0]
-    out: list[dict] = []
-    for row in rows:
-        new = dict(row)
-        for metric in metrics:
-            new[f"{metric}_ratio"] = ratio(row.get(metric), baseline.get(metric))
-        new[QUANTIZED_RATIO] = ratio(
-            row.get("quantized_layer_bytes"), row.get("quantized_layer_fp32_bytes")
-        )
-        out.append(new)
-    return out
+    return [{**row, **ratios(row, rows[0])} for row in rows]
 
 
 def ordered_columns(rows: Sequence[dict]) -> list[str]:
@@ -96,9 +59,7 @@ def ordered_columns(rows: Sequence[dict]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows:
         seen.update(dict.fromkeys(row))
-    head: list[str] = ["variant", "status"]
-    for metric in _METRIC_ORDER:
-        head += [metric, f"{metric}_ratio"]
+    head: list[str] = ["variant", "status", *METRIC_COLUMNS]
     cols = [c for c in head if c in seen]
     cols += [c for c in seen if c not in cols and c != "error"]
     if "error" in seen:

@@ -47,14 +47,22 @@ from optuna.trial import FrozenTrial, TrialState
 from compress import __version__, gate
 from compress.cache import cache_dir, stable_hash
 from compress.errors import CompressError
+from compress.metrics import ratios
 from compress.recipe import Recipe, VariantSpec
-from compress.report.tables import add_ratios, jsonable
+from compress.report.tables import jsonable
 from compress.storage import ARTIFACT_DIR, mask_url
 from compress.sweep.space import ParamSpec, SweepSpec, defaults, is_active, resolve
-from compress.workbench import Workspace, build_variant, measure_static, paired_latency
+from compress.workbench import (
+    Workspace,
+    build_variant,
+    measure_static,
+    paired_latency,
+    set_latency,
+)
 
 log = logging.getLogger(__name__)
 
+RESULT_FORMAT = 2  # the measured record's keys (compress.metrics); older results are not reused
 STUDY_ATTR = "compress"  # study user attr: recipe, baseline key, space hash, objectives
 READY_ATTR = "compress_ready"  # set once trial 0 and the seeds are in
 INIT_ATTR = "compress_init_started"
@@ -257,6 +265,7 @@ def config_key(ws: Workspace, pipeline: list[dict]) -> str:
             "seed": recipe.seed,
             "pipeline": pipeline,
             "compress": __version__,
+            "format": RESULT_FORMAT,
         },
         length=24,
     )
@@ -311,25 +320,6 @@ def _store_result(key: str, measured: dict) -> None:
     os.replace(tmp, path)
 
 
-MEASURED_KEYS = (
-    "perplexity",
-    "nll",
-    "eval_tokens",
-    "params",
-    "weight_bytes",
-    "quantized_layer_bytes",
-    "quantized_layer_fp32_bytes",
-    "bits_per_weight",
-    "sparsity",
-    "quantized_modules",
-    "saved_bytes",
-    "peak_rss_bytes",
-    "model_rss_bytes",
-    "rss_after_load_bytes",
-    "rss_after_import_bytes",
-)
-
-
 def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
     """Build the variant and measure it: static metrics under the shared gate, then the
     paired latency (baseline and variant in alternating rounds) under the exclusive gate.
@@ -351,17 +341,12 @@ def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
             vdir.parent.rmdir()
     with gate.exclusive() as waited:
         timings = paired_latency(w.ws, model, w.latency_threads)
-    measured = {k: res.row[k] for k in MEASURED_KEYS if k in res.row}
-    v = timings["variant"]
-    b = timings["baseline"]
-    measured.update(
-        latency_ms=v.median_ms,
-        latency_iqr_ms=v.iqr_ms,
-        latency_baseline_ms=b.median_ms,
-        latency_ratio=v.median_ms / b.median_ms,
-        latency_threads=w.latency_threads,
-        latency_gate_wait_s=waited,
-    )
+    set_latency(res.measurement, timings)
+    measured = {
+        **res.measurement.to_dict(),
+        "latency_threads": w.latency_threads,
+        "latency_gate_wait_s": waited,
+    }
     details = {
         "stage_reports": [r.to_dict() for r in res.stages],
         "perplexity": res.perplexity.to_dict() if res.perplexity else None,
@@ -372,14 +357,8 @@ def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
 
 
 def with_ratios(measured: dict, base: dict) -> dict:
-    """Measured metrics plus their ratios to the baseline's, as a run's report computes them
-    (``params`` is reported as ``param_count``: a trial's ``params`` are its search
-    parameters)."""
-    out = add_ratios([base, measured], ("perplexity", "weight_bytes", "params"))[1]
-    if "params" in out:
-        out["param_count"] = out.pop("params")
-    out["param_count_ratio"] = out.pop("params_ratio")
-    return out
+    """Measured metrics plus their ratios to the baseline's, as a run's report computes them."""
+    return {**measured, **ratios(measured, base)}
 
 
 def objective_values(spec: SweepSpec, metrics: dict) -> list[float]:

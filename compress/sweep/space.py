@@ -34,21 +34,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compress.metrics import objectives
+
 Scalar = str | int | float | bool | None
 
-METRICS: dict[str, str] = {
-    "perplexity": "perplexity",
-    "perplexity_ratio": "perplexity (x baseline)",
-    "latency_ratio": "latency (x baseline, paired)",
-    "latency_ms": "latency (ms)",
-    "weight_bytes": "weight bytes",
-    "weight_bytes_ratio": "weight bytes (x baseline)",
-    "param_count": "parameters",
-    "param_count_ratio": "parameters (x baseline)",
-    "saved_bytes": "checkpoint bytes",
-    "peak_rss_bytes": "peak RSS bytes",
-    "model_rss_bytes": "model RSS bytes",
-}
+METRICS: dict[str, str] = objectives()
 """Metrics a sweep can minimise or constrain (row key -> label shown in the dashboard)."""
 
 NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"

@@ -1,0 +1,268 @@
+"""Every number compress reports, defined once: its key, label, unit, direction and meaning.
+
+A run's rows, a sweep's trial attributes, the CSV and JSON columns, the HTML tables, the
+definitions written into every report and the metric names a sweep may minimise or constrain
+all use these keys. :class:`Measurement` is one variant's measured numbers; ratios to the
+baseline are derived from two of them by :func:`ratios`, never measured separately (except the
+latency ratio, which is measured paired: variant and baseline timed in alternating rounds).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str  # short heading for tables and the dashboard
+    definition: str  # written into every report
+    unit: Literal["", "ms", "bytes", "tokens", "bits", "x"] = ""
+    better: Literal["lower", "higher"] | None = None
+    objective: bool = False  # a sweep may minimise or constrain it
+
+
+_PPL = (
+    "exp of the token-weighted mean negative log-likelihood (natural log) of the held-out "
+    "split's tokens, as the Hugging Face guide 'Perplexity of fixed-length models' defines it: "
+    "windows of at most seq_len tokens start every stride tokens, and each window scores only "
+    "the tokens after the previous window's end, each from the tokens before it in the window "
+    "(with stride = seq_len the first token of each window is not scored). Every variant of a "
+    "run is scored on exactly the same tokens."
+)
+_LATENCY = (
+    "median wall time of one forward pass over a batch of token ids, at the stated batch size, "
+    "sequence length and torch thread count, after warm-up passes (on CUDA, timed to "
+    "completion). Each variant is timed together with the baseline in alternating rounds (one "
+    "pass each per round); the baseline's own row pools its timings from every such "
+    "measurement."
+)
+_RSS = (
+    "peak resident set size (VmHWM; ru_maxrss where there is no /proc) of a fresh Python "
+    "process that imports torch and compress, loads the saved variant and runs one forward "
+    "pass at the latency batch shape."
+)
+
+CATALOG: tuple[Metric, ...] = (
+    Metric("perplexity", "perplexity", _PPL, better="lower", objective=True),
+    Metric("nll", "NLL", "mean negative log-likelihood per scored token, in nats.", better="lower"),
+    Metric("eval_tokens", "scored tokens", "number of tokens the perplexity scored.", "tokens"),
+    Metric("latency_ms", "latency (ms)", _LATENCY, "ms", "lower", objective=True),
+    Metric(
+        "latency_iqr_ms",
+        "latency IQR (ms)",
+        "interquartile range (75th minus 25th percentile) of the same forward-pass timings.",
+        "ms",
+    ),
+    Metric(
+        "latency_baseline_ms",
+        "baseline latency (ms)",
+        "the baseline's median forward time in the variant's own paired measurement.",
+        "ms",
+    ),
+    Metric(
+        "latency_ratio",
+        "latency x baseline (paired)",
+        "the variant's median forward time over the baseline's median in the same paired "
+        "measurement (alternating rounds), so drift of the machine hits both alike.",
+        "x",
+        "lower",
+        objective=True,
+    ),
+    Metric(
+        "weight_bytes",
+        "weight bytes",
+        "exact bytes of every tensor in the model's state dict as stored, shared (tied) "
+        "tensors once: quantized codes plus their scales, absmax values and quantization maps; "
+        "biases, norms and embeddings in their own dtype.",
+        "bytes",
+        "lower",
+        objective=True,
+    ),
+    Metric(
+        "quantized_layer_bytes",
+        "quantized-layer bytes",
+        "bytes of the layers a quantization stage converted, after conversion.",
+        "bytes",
+        "lower",
+    ),
+    Metric(
+        "quantized_layer_fp32_bytes",
+        "quantized-layer fp32 bytes",
+        "bytes of the same layers before conversion.",
+        "bytes",
+    ),
+    Metric(
+        "bits_per_weight",
+        "bits/weight",
+        "bits per weight of the quantized layers' weight matrices including their scales and "
+        "maps (biases excluded); 32 for an unquantized model.",
+        "bits",
+        "lower",
+    ),
+    Metric(
+        "sparsity",
+        "sparsity",
+        "fraction of exactly-zero entries in the weight matrices of the linear layers (float "
+        "weights or int8 codes; embeddings, the tied LM head and packed 4-bit codes excluded).",
+    ),
+    Metric(
+        "quantized_modules", "quantized layers", "number of layers a quantization stage converted."
+    ),
+    Metric(
+        "param_count",
+        "parameters",
+        "parameters the model represents, tied weights once, packed 4-bit weights at their "
+        "logical (unpacked) count.",
+        better="lower",
+        objective=True,
+    ),
+    Metric(
+        "saved_bytes",
+        "checkpoint bytes",
+        "size on disk of the saved variant (weights plus its JSON manifest and config).",
+        "bytes",
+        "lower",
+        objective=True,
+    ),
+    Metric("peak_rss_bytes", "peak RSS bytes", _RSS, "bytes", "lower", objective=True),
+    Metric(
+        "model_rss_bytes",
+        "model RSS bytes",
+        "peak RSS minus that process's resident size after importing the libraries the variant "
+        "needs (torch; bitsandbytes, transformers where needed) and before loading it: what the "
+        "model and its inference added.",
+        "bytes",
+        "lower",
+        objective=True,
+    ),
+    Metric(
+        "rss_after_load_bytes",
+        "RSS after load",
+        "resident size of that process right after loading the variant.",
+        "bytes",
+    ),
+    Metric(
+        "rss_after_import_bytes",
+        "RSS after import",
+        "resident size of that process after importing the libraries, before loading.",
+        "bytes",
+    ),
+)
+"""Measured metrics, in report column order."""
+
+RATIO_OF: tuple[str, ...] = (
+    "perplexity",
+    "weight_bytes",
+    "param_count",
+    "saved_bytes",
+    "peak_rss_bytes",
+    "model_rss_bytes",
+)
+"""Metrics that get a ``<key>_ratio`` = value / the baseline's value of the same run."""
+
+QUANTIZED_RATIO = "quantized_layer_bytes_ratio"
+"""Bytes of the quantized layers relative to their fp32 size, within the same variant."""
+
+BY_KEY: dict[str, Metric] = {m.key: m for m in CATALOG}
+for _key in RATIO_OF:
+    BY_KEY[f"{_key}_ratio"] = Metric(
+        f"{_key}_ratio",
+        f"{BY_KEY[_key].label} x baseline",
+        f"{_key} divided by the baseline's value of the same run.",
+        "x",
+        BY_KEY[_key].better,
+        objective=BY_KEY[_key].objective,
+    )
+BY_KEY[QUANTIZED_RATIO] = Metric(
+    QUANTIZED_RATIO,
+    "quantized-layer bytes x fp32",
+    "bytes of the quantized layers after conversion over the same layers' bytes before "
+    "(fp32), within one variant.",
+    "x",
+    "lower",
+)
+
+MEASURED_KEYS: tuple[str, ...] = tuple(m.key for m in CATALOG)
+ALL_KEYS: tuple[str, ...] = tuple(BY_KEY)
+
+
+def objectives() -> dict[str, str]:
+    """Metrics a sweep can minimise, constrain or recommend by: key -> label."""
+    return {k: m.label for k, m in BY_KEY.items() if m.objective}
+
+
+def definitions() -> dict[str, str]:
+    """Key -> definition of every measured metric and of the ratios, for the report's "what
+    the numbers mean" section."""
+    out = {m.key: m.definition for m in CATALOG}
+    out["*_ratio"] = (
+        f"the metric divided by the baseline's value of the same run ({', '.join(RATIO_OF)}); "
+        "latency_ratio is measured paired, see above."
+    )
+    out[QUANTIZED_RATIO] = BY_KEY[QUANTIZED_RATIO].definition
+    return out
+
+
+@dataclass
+class Measurement:
+    """One variant's measured numbers (None where not measured). Keys are catalog keys."""
+
+    perplexity: float | None = None
+    nll: float | None = None
+    eval_tokens: int | None = None
+    latency_ms: float | None = None
+    latency_iqr_ms: float | None = None
+    latency_baseline_ms: float | None = None
+    latency_ratio: float | None = None
+    weight_bytes: int | None = None
+    quantized_layer_bytes: int | None = None
+    quantized_layer_fp32_bytes: int | None = None
+    bits_per_weight: float | None = None
+    sparsity: float | None = None
+    quantized_modules: int | None = None
+    param_count: int | None = None
+    saved_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    model_rss_bytes: int | None = None
+    rss_after_load_bytes: int | None = None
+    rss_after_import_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
+        """The catalog's keys of ``data`` (other keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def as_float(value: Any) -> float | None:
+    """``value`` as a float, or None when it is missing, not a number, or NaN."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+def ratio(num: Any, den: Any) -> float | None:
+    """num / den as a float; None when either is missing (None/NaN) or den is 0."""
+    a, b = as_float(num), as_float(den)
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def ratios(row: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:
+    """The ``*_ratio`` metrics of ``row`` against ``baseline`` (both flat metric dicts)."""
+    out = {f"{k}_ratio": ratio(row.get(k), baseline.get(k)) for k in RATIO_OF}
+    out[QUANTIZED_RATIO] = ratio(
+        row.get("quantized_layer_bytes"), row.get("quantized_layer_fp32_bytes")
+    )
+    return out
