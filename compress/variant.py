@@ -2,10 +2,10 @@
 
 A saved variant is a folder with ``model.safetensors`` (every tensor of the state dict, tied
 weights once; quantized layers as their packed codes and scales; torch's dynamically quantized
-layers as plain int8 codes, scales, zero points and bias) and ``variant.json`` (the model
-config and, for each converted module, how it was quantized). Loading rebuilds the architecture
-from the config, swaps in empty quantized shells and fills them from the file: nothing is
-unpickled and no code is executed.
+layers and compress's packed int4/int8 layers as plain codes, scales, zero points and bias) and
+``variant.json`` (the model config and, for each converted module, how it was quantized).
+Loading rebuilds the architecture from the config, swaps in empty quantized shells and fills
+them from the file: nothing is unpickled and no code is executed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from compress.compressors.dynamic_int8 import KIND as DYNAMIC_INT8
 from compress.compressors.dynamic_int8 import linear_from_tensors
+from compress.compressors.packed import KIND as PACKED
+from compress.compressors.packed import PackedLinear, PackedSpec, from_plain
 from compress.compressors.quantize import DTYPES, honor_compute_dtype
 from compress.compressors.targets import set_module
 from compress.errors import CompressError
@@ -33,11 +35,13 @@ BNB_KINDS = ("int8", "nf4", "fp4")  # manifest kinds stored as bitsandbytes laye
 
 
 def quantized_modules(model: nn.Module) -> dict[str, dict]:
-    """Manifest entries for the quantized (bitsandbytes, torch dynamic int8) layers in ``model``."""
+    """Manifest entries for the quantized (bitsandbytes, torch dynamic int8, packed) layers."""
     out: dict[str, dict] = {}
     for name, m in model.named_modules():
         kind = type(m).__name__
-        if is_packed_linear(m):
+        if isinstance(m, PackedLinear):
+            out[name] = {"kind": PACKED, **m.spec.to_dict()}
+        elif is_packed_linear(m):
             tensors = packed_linear_tensors(m)
             if tensors["weight"].dtype != torch.int8:
                 raise CompressError(f"{name}: only int8 dynamic quantization can be saved")
@@ -163,15 +167,20 @@ def load_variant(path: Path | str) -> nn.Module:
     adapter = adapter_by_family(arch["family"])
     model = adapter.skeleton(arch, path)
     tensors = adapter.load_tensors(arch, load_file(str(path / WEIGHTS)))
-    # Quantized layers first: they take their tensors out of ``tensors``. torch's dynamic int8
-    # layers go in after ``load_state_dict``, which cannot fill them without their packed form.
+    # Quantized layers first: they take their tensors out of ``tensors``. Layers packed for a
+    # kernel (torch's dynamic int8, compress's packed int4/int8) go in after
+    # ``load_state_dict``, which cannot fill them: they are repacked from their plain tensors.
     quantized = manifest["quantized"]
     dynamic: dict[str, nn.Module] = {}
     for name, spec in quantized.items():
-        if spec["kind"] == DYNAMIC_INT8:
+        if spec["kind"] in (DYNAMIC_INT8, PACKED):
             prefix = name + "."
             own = {k[len(prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
-            dynamic[name] = linear_from_tensors(**own)
+            if spec["kind"] == DYNAMIC_INT8:
+                dynamic[name] = linear_from_tensors(**own)
+            else:
+                settings = {k: v for k, v in spec.items() if k != "kind"}
+                dynamic[name] = from_plain(own, PackedSpec(**settings))
             continue
         old = model.get_submodule(name)
         shell = _shell(spec, old.in_features, old.out_features, old.bias is not None)

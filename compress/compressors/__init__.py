@@ -10,6 +10,7 @@ from compress.compressors import (
     dynamic_int8,  # noqa: F401  (registers dynamic-int8)
     prune,  # noqa: F401  (registers prune)
     quantize,  # noqa: F401  (registers int8, nf4, fp4)
+    rtn,  # noqa: F401  (registers rtn)
     structured,  # noqa: F401  (registers structured)
 )
 from compress.compressors.base import (

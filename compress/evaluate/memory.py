@@ -4,10 +4,12 @@
 weights, their scales/absmax/quantization maps, biases, norms, embeddings), each shared tensor
 once. torch's dynamically quantized Linear keeps its weights in an opaque packed object; it is
 counted as the plain tensors it unpacks to (``packed_linear_tensors``), exactly what a saved
-variant stores. ``peak_rss`` runs an inference pass in a fresh child process that loads the
-saved variant, so the number is not polluted by training or by other variants held in this
-process (the child reads its own high-water mark, VmHWM, which unlike ru_maxrss does not
-inherit the parent's).
+variant stores. Layers that pack their own weights for a kernel
+(``compress.compressors.packed``) describe themselves: ``plain_tensors()`` (their portable form,
+byte for byte what the kernel holds), ``weight_numel`` and ``zero_weights()``. ``peak_rss`` runs
+an inference pass in a fresh child process that loads the saved variant, so the number is not
+polluted by training or by other variants held in this process (the child reads its own
+high-water mark, VmHWM, which unlike ru_maxrss does not inherit the parent's).
 """
 
 from __future__ import annotations
@@ -75,10 +77,23 @@ def packed_linear_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def packs_own_weights(module: nn.Module) -> bool:
+    """Whether ``module`` holds its weights in a kernel's layout and gives their portable form
+    through ``plain_tensors()`` (``compress.compressors.packed.PackedLinear``)."""
+    return callable(getattr(type(module), "plain_tensors", None))
+
+
+def plain_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of a packed layer (torch dynamic int8 or self-packing) as plain tensors."""
+    return module.plain_tensors() if packs_own_weights(module) else packed_linear_tensors(module)
+
+
 def stored_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A module's weights as plain tensors: its state dict, with each packed Linear replaced
-    by ``packed_linear_tensors`` (under the same prefix). What is counted and what is saved."""
-    packed = {name: m for name, m in module.named_modules() if is_packed_linear(m)}
+    """A module's weights as plain tensors: its state dict, with each packed layer replaced
+    by its plain tensors (under the same prefix). What is counted and what is saved."""
+    packed = {
+        name: m for name, m in module.named_modules() if is_packed_linear(m) or packs_own_weights(m)
+    }
     prefixes = {name: f"{name}." if name else "" for name in packed}
     out: dict[str, torch.Tensor] = {}
     done: set[str] = set()
@@ -87,7 +102,7 @@ def stored_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
         if owner is not None:
             if owner not in done:
                 done.add(owner)
-                tensors = packed_linear_tensors(packed[owner])
+                tensors = plain_tensors(packed[owner])
                 out.update({prefixes[owner] + k: t for k, t in tensors.items()})
         elif isinstance(value, torch.Tensor):
             out[key] = value
@@ -111,7 +126,8 @@ def logical_numel(p: torch.Tensor) -> int:
 
 def param_count(model: nn.Module) -> int:
     """Parameters the model represents, tied ones once, packed ones at their logical size
-    (a dynamically quantized Linear holds no ``nn.Parameter``: its weight and bias count)."""
+    (a dynamically quantized Linear holds no ``nn.Parameter``: its weight and bias count; a
+    self-packing layer's weight buffers count at ``weight_numel``)."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
@@ -119,7 +135,9 @@ def param_count(model: nn.Module) -> int:
             seen.add(id(p))
             total += logical_numel(p)
     for m in model.modules():
-        if is_packed_linear(m):
+        if packs_own_weights(m):
+            total += m.weight_numel
+        elif is_packed_linear(m):
             tensors = packed_linear_tensors(m)
             total += sum(tensors[k].numel() for k in ("weight", "bias") if k in tensors)
     return total
@@ -128,12 +146,16 @@ def param_count(model: nn.Module) -> int:
 def count_zeros(model: nn.Module) -> tuple[int, int]:
     """(zero-valued, total) entries of the linear layers' weight matrices.
 
-    Float weights and int8 codes (a pruned zero stays a zero code) are counted; embeddings and
-    weights tied to them are not, nor packed 4-bit codes, which hold two weights per byte.
+    Float weights and int8 codes (a pruned zero stays a zero code) are counted, and the codes
+    of self-packing layers that dequantize to exactly 0; embeddings and weights tied to them
+    are not, nor bitsandbytes' packed 4-bit codes, which hold two weights per byte.
     """
     skip = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     zeros = total = 0
     for m in model.modules():
+        if packs_own_weights(m):
+            zeros, total = zeros + m.zero_weights(), total + m.weight_numel
+            continue
         packed = is_packed_linear(m)  # its int8 codes hold the zeros
         w = packed_linear_tensors(m)["weight"] if packed else getattr(m, "weight", None)
         if not isinstance(w, torch.Tensor) or id(w) in skip or w.dim() != 2:
