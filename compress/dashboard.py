@@ -10,9 +10,15 @@ files) without having to spell out its storage URL or artifact folder:
 
 The target is a report folder, a file in one, or a storage URL. In a folder, ``sweep.json``
 (written by a sweep: ``storage``, ``study_name``, ``artifact_dir``, the latter relative to
-the folder) comes first, then ``study.db`` (a plain run, no artifacts). ``$VARS`` in a
-storage URL are expanded; a password recorded masked (``***``) is dropped, so PostgreSQL
-falls back to ``PGPASSWORD`` or ``~/.pgpass``; ``--storage`` replaces the URL altogether.
+the folder) comes first, then ``study.db`` (a plain run, no artifacts). What a report folder
+records is data, never trusted as commands: no ``$VARS`` in it are expanded, and the
+dashboard connects to a database host it names only when compress wrote that ``sweep.json``
+on this machine (its signature checks with this user's key, see
+:func:`compress.storage.sign_pointer`); it then prints the host before connecting, and a
+password recorded masked (``***``) is dropped, so PostgreSQL falls back to ``PGPASSWORD`` or
+``~/.pgpass``. A ``sweep.json`` from anywhere else may only name an SQLite file and an
+artifact folder inside its own folder. ``--storage`` (where ``$VARS`` are expanded: it is
+the user's own input) replaces the recorded URL altogether.
 
 It prints one line saying what it serves and where, then runs optuna-dashboard's own server
 in the foreground until Ctrl-C. Exit codes: 2 bad input (the reason on one line of stderr),
@@ -26,15 +32,23 @@ import json
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compress.errors import CompressError
-from compress.storage import STUDY_FILE, SWEEP_FILE, mask_url, sqlite_url
+from compress.storage import (
+    STUDY_FILE,
+    SWEEP_FILE,
+    mask_url,
+    mask_urls,
+    pointer_is_signed,
+    sqlite_url,
+)
 
 if TYPE_CHECKING:
     from optuna.storages import RDBStorage
+    from sqlalchemy.engine import URL
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 MASKED_PASSWORD = "***"  # what sqlalchemy's render_as_string(hide_password=True) writes
@@ -53,6 +67,9 @@ class Source:
     artifact_dir: Path | None
     study_name: str | None  # the study the target names (a sweep), if any
     origin: str  # e.g. "reports/x/sweep.json", for messages
+    pointer: Path | None = None  # the sweep.json the storage and artifacts were read from
+    signed: bool = False  # that sweep.json was written by compress on this machine
+    host: str | None = None  # a database host recorded in a sweep.json: shown before connecting
 
 
 def _is_sqlite_file(path: Path) -> bool:
@@ -63,29 +80,75 @@ def _is_sqlite_file(path: Path) -> bool:
         return False
 
 
-def _clean_url(url: str, origin: str) -> str:
-    """`url` with $VARS expanded and a masked password dropped (libpq then reads PGPASSWORD)."""
-    url = os.path.expandvars(url.strip())
+def _parse(url: str, origin: str) -> URL:
     if "://" not in url:
-        raise DashboardError(f"{origin}: storage: not a SQLAlchemy URL: {url!r}")
-    from sqlalchemy.engine import URL, make_url
+        raise DashboardError(f"{origin}: storage: not a SQLAlchemy URL: {mask_urls(url)!r}")
+    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        parsed = make_url(url)
+        return make_url(url)
     except ArgumentError as exc:
-        raise DashboardError(f"{origin}: storage: {exc}") from None
-    if parsed.password == MASKED_PASSWORD:  # (URL.set(password=None) would keep it)
-        bare = URL.create(
-            parsed.drivername,
-            username=parsed.username,
-            host=parsed.host,
-            port=parsed.port,
-            database=parsed.database,
-            query=parsed.query,
+        raise DashboardError(f"{origin}: storage: {mask_urls(str(exc))}") from None
+
+
+def _drop_masked_password(parsed: URL) -> str:
+    """The URL without a password recorded masked (libpq then reads PGPASSWORD)."""
+    if parsed.password != MASKED_PASSWORD:  # (URL.set(password=None) would keep it)
+        return parsed.render_as_string(hide_password=False)
+    from sqlalchemy.engine import URL
+
+    bare = URL.create(
+        parsed.drivername,
+        username=parsed.username,
+        host=parsed.host,
+        port=parsed.port,
+        database=parsed.database,
+        query=parsed.query,
+    )
+    return bare.render_as_string(hide_password=False)
+
+
+def _user_url(url: str, origin: str) -> str:
+    """A storage URL the user typed (a target or --storage): $VARS expanded, a masked
+    password dropped."""
+    url = os.path.expandvars(url.strip())
+    parsed = _parse(url, origin)
+    return url if parsed.password != MASKED_PASSWORD else _drop_masked_password(parsed)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
+def _recorded_url(src: Source) -> Source:
+    """The storage a sweep.json records, taken literally (no $VARS): an SQLite path is
+    relative to the report folder; a database host is only used for a signed pointer."""
+    assert src.pointer is not None
+    folder = src.pointer.parent
+    raw = src.storage.strip()
+    parsed = _parse(raw, src.origin)
+    shown = mask_url(raw)
+    not_ours = f"{src.origin} was not written by compress on this machine (unsigned or changed)"
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database or ""
+        if db and db != ":memory:" and not db.startswith("file:"):
+            path = folder / db  # an absolute `db` stays absolute
+            if not src.signed and not _inside(path, folder):
+                raise DashboardError(
+                    f"{not_ours}: its storage {shown} is outside the report folder; "
+                    "pass --storage to open it"
+                )
+            url = parsed.set(database=str(path.resolve())).render_as_string(hide_password=False)
+            return replace(src, storage=raw if Path(db).is_absolute() else url)
+        return src
+    if not src.signed:
+        raise DashboardError(
+            f"{not_ours}: not connecting to the database at {parsed.host or 'localhost'} it "
+            "names; pass --storage URL to open a study there"
         )
-        return bare.render_as_string(hide_password=False)
-    return url
+    host = f"{parsed.host or 'localhost'}{f':{parsed.port}' if parsed.port else ''}"
+    return replace(src, storage=_drop_masked_password(parsed), host=host)
 
 
 def _read_sweep(path: Path) -> Source:
@@ -108,7 +171,7 @@ def _read_sweep(path: Path) -> Source:
     if art is not None and (not isinstance(art, str) or not art):
         raise DashboardError(f"{path}: artifact_dir: must be a non-empty path string or null")
     art_dir = (path.parent / art).resolve() if art else None  # absolute stays absolute
-    return Source(storage, art_dir, name, str(path))
+    return Source(storage, art_dir, name, str(path), path, pointer_is_signed(doc))
 
 
 def _source(target: str | Path) -> Source:
@@ -138,12 +201,8 @@ def _source(target: str | Path) -> Source:
 def resolve_source(
     target: str | Path, storage: str | None = None, artifact_dir: str | Path | None = None
 ) -> Source:
-    """Like :func:`resolve`, with the study name and origin kept for messages."""
+    """Like :func:`resolve`, with the study name, origin and recorded host kept."""
     src = _source(target)
-    origin = src.origin
-    if storage is not None:
-        origin = "--storage"
-    url = _clean_url(storage if storage is not None else src.storage, origin)
     art = src.artifact_dir
     if artifact_dir is not None:
         art = Path(artifact_dir).expanduser().resolve()
@@ -153,7 +212,19 @@ def resolve_source(
         raise DashboardError(
             f"{src.origin}: artifact_dir {art}: no such folder (pass --artifact-dir)"
         )
-    return Source(url, art, src.study_name, origin)
+    elif art is not None and src.pointer is not None and not src.signed:
+        if not _inside(art, src.pointer.parent):
+            raise DashboardError(
+                f"{src.origin} was not written by compress on this machine (unsigned or "
+                f"changed): its artifact_dir {art} is outside the report folder; "
+                "pass --artifact-dir to use it"
+            )
+    src = replace(src, artifact_dir=art)
+    if storage is not None:
+        return replace(src, storage=_user_url(storage, "--storage"), origin="--storage", host=None)
+    if src.pointer is not None:
+        return _recorded_url(src)
+    return replace(src, storage=_user_url(src.storage, src.origin))
 
 
 def resolve(
@@ -263,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         src = resolve_source(args.target, args.storage, args.artifact_dir)
+        if src.host is not None:  # a host read from a file: say where before going there
+            print(
+                f"connecting to {src.host} ({mask_url(src.storage)}, from {src.origin})", flush=True
+            )
         storage, names = open_storage(src)
         import optuna
         import optuna_dashboard
@@ -291,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
             ) from None
     except CompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_urls(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from compress.dashboard import DashboardError, main, open_storage, resolve
 from compress.dashboard import resolve_source as _resolve_source
-from compress.storage import command_for
+from compress.storage import command_for, sign_pointer
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ["perplexity", "latency_ms", "weight_bytes"]
@@ -259,17 +259,29 @@ def test_absent_or_null_artifact_dir_means_no_artifacts(tmp_path: Path) -> None:
         {"storage": "sqlite:////x.db"},
         {"storage": "sqlite:////x.db", "artifact_dir": None},
     ):
-        (tmp_path / "sweep.json").write_text(json.dumps(doc))
+        # signed: a pointer compress wrote here may name an SQLite file anywhere
+        (tmp_path / "sweep.json").write_text(json.dumps(sign_pointer(doc)))
         assert resolve(tmp_path) == ("sqlite:////x.db", None)
+
+
+def test_a_relative_sqlite_path_is_relative_to_the_report_folder(
+    sweep: Sweep, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = {"storage": "sqlite:///sweep.db", "study_name": "my-sweep"}
+    (sweep.folder / "sweep.json").write_text(json.dumps(doc))  # unsigned, inside: allowed
+    monkeypatch.chdir(tmp_path)
+    assert resolve(sweep.folder)[0] == f"sqlite:///{(sweep.folder / 'sweep.db').resolve()}"
 
 
 def test_recorded_postgres_url_gets_its_password_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     doc = {"storage": "postgresql+psycopg://me:***@db.example:5432/optuna", "study_name": "s"}
-    (tmp_path / "sweep.json").write_text(json.dumps(doc))
-    # The masked password is dropped, so libpq falls back to PGPASSWORD / ~/.pgpass.
+    (tmp_path / "sweep.json").write_text(json.dumps(sign_pointer(doc)))
+    # Written by compress here: the masked password is dropped, so libpq falls back to
+    # PGPASSWORD / ~/.pgpass, and the dashboard names the host before connecting.
     assert resolve(tmp_path)[0] == "postgresql+psycopg://me@db.example:5432/optuna"
+    assert _resolve_source(tmp_path).host == "db.example:5432"
     monkeypatch.setenv("DB_PASSWORD", "s3cret")
     url = resolve(tmp_path, storage="postgresql+psycopg://me:$DB_PASSWORD@db.example/optuna")[0]
     assert url == "postgresql+psycopg://me:s3cret@db.example/optuna"

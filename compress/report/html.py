@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from compress import atomic
 from compress.metrics import as_float
 from compress.report.tables import add_ratios
+from compress.storage import mask_urls
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +242,7 @@ def html_page(
 ) -> str:
     """A self-contained report page: `sections` ((heading, HTML fragment) pairs; the heading
     is escaped, the fragment is not), then the metric definitions, the recipe and the
-    environment."""
+    environment. Any URL's password on the page is masked."""
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -259,7 +261,7 @@ def html_page(
         env_rows = [{"item": k, "value": v} for k, v in environment.items()]
         parts += ["<h2>Environment</h2>", html_table(env_rows, ["item", "value"])]
     parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return mask_urls("\n".join(parts) + "\n")  # a password in the recipe or an error message
 
 
 def write_html(
@@ -273,7 +275,7 @@ def write_html(
     sections: Sequence[tuple[str, str]] = (),
     charts: Sequence[tuple[str, bytes]] = (),
 ) -> Path:
-    """Write `render_html(...)` to `path` (UTF-8) and return the path."""
+    """Write `render_html(...)` to `path` (UTF-8, atomically) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     page = render_html(
@@ -285,6 +287,6 @@ def write_html(
         sections=sections,
         charts=charts,
     )
-    path.write_text(page, encoding="utf-8")
+    atomic.write_text(path, page)
     logger.info("wrote %s", path)
     return path

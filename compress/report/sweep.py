@@ -25,6 +25,7 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from compress import atomic
 from compress.metrics import as_float, ratio
 from compress.report.html import _MB, _charts_html, format_value, html_page, html_table
 from compress.report.plots import legend_png
@@ -982,7 +983,7 @@ def write_sweep_report(
         definitions=definitions,
         environment=environment,
     )
-    paths["html"].write_text(page, encoding="utf-8")
+    atomic.write_text(paths["html"], page)
     logger.info(
         "sweep report written to %s: %d trials, %d on the front", out_dir, len(trials), len(a.front)
     )

@@ -15,7 +15,9 @@ from typing import Any
 
 import pandas as pd
 
+from compress import atomic
 from compress.metrics import CATALOG, QUANTIZED_RATIO, RATIO_OF, ratios
+from compress.storage import mask_urls
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,8 @@ def ordered_columns(rows: Sequence[dict]) -> list[str]:
 
 
 def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
-    """Write one CSV line per row, in the given order (a run's: baseline first).
+    """Write one CSV line per row, in the given order (a run's: baseline first), atomically,
+    with any URL's password masked.
 
     Missing values are written as empty cells; integers stay integers. `columns` defaults to
     `ordered_columns(rows)`.
@@ -80,7 +83,7 @@ def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str] | N
         columns=list(columns) if columns is not None else ordered_columns(rows),
         dtype=object,
     )
-    frame.to_csv(path, index=False)
+    atomic.write_text(path, mask_urls(frame.to_csv(index=False)))
     logger.info("wrote %s (%d rows)", path, len(frame))
     return path
 
@@ -106,10 +109,11 @@ def jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | Path, rows: Sequence[dict], meta: dict) -> Path:
-    """Write `{"meta": meta, "rows": rows}` with indent 2; NaN and inf are written as null."""
+    """Write `{"meta": meta, "rows": rows}` with indent 2, atomically; NaN and inf are written
+    as null, any URL's password masked."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"meta": jsonable(meta), "rows": [jsonable(row) for row in rows]}
-    path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    atomic.write_text(path, mask_urls(json.dumps(doc, indent=2, allow_nan=False) + "\n"))
     logger.info("wrote %s (%d rows)", path, len(rows))
     return path

@@ -19,10 +19,10 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from compress import gate
+from compress import atomic, gate
 from compress.recipe import Recipe
 from compress.report.sweep import METRIC_KEYS, SweepAnalysis, analyse, write_sweep_report
-from compress.storage import ARTIFACT_DIR, SWEEP_FILE, mask_url
+from compress.storage import ARTIFACT_DIR, SWEEP_FILE, absolute_sqlite, mask_url, sign_pointer
 from compress.sweep.runner import (
     INIT_ATTR,
     READY_ATTR,
@@ -178,11 +178,13 @@ def write_report(
 def write_pointer(out_dir: Path, storage: str, name: str) -> Path:
     """``sweep.json``: where the study lives, for ``python -m compress.dashboard <dir>``. A
     password in the URL is recorded masked (the dashboard then uses PGPASSWORD or .pgpass):
-    a report folder gets shared, a database password must not travel with it."""
+    a report folder gets shared, a database password must not travel with it. The file is
+    signed with this user's key, so the dashboard connects to a recorded database host only
+    for a pointer written here; it is replaced atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SWEEP_FILE
     doc = {"storage": mask_url(storage), "study_name": name, "artifact_dir": ARTIFACT_DIR}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    atomic.write_text(path, json.dumps(sign_pointer(doc), indent=1) + "\n")
     return path
 
 
@@ -212,10 +214,9 @@ def run_sweep(
     spec = recipe.sweep
     assert spec is not None
     start = time.perf_counter()
-    url = storage_url(recipe, out_dir, storage)
+    url = absolute_sqlite(storage_url(recipe, out_dir, storage))
     name = study_name(recipe, study)
     rdb = open_storage(url, spec)
-    write_pointer(out_dir, url, name)
     gate.install(gate.MachineGate())
     latency_threads = recipe.eval.latency.threads or torch.get_num_threads()
     interrupted = False
@@ -229,6 +230,7 @@ def run_sweep(
         sampler_probe = optuna.samplers.RandomSampler()
         st, created = open_study(rdb, name, recipe, ws, sampler_probe)
         opened = True
+        write_pointer(out_dir, url, name)  # only once the study accepted this recipe
         echo(
             f"study {name!r} in {mask_url(url)}: "
             + ("created" if created else f"resumed with {len(st.trials)} trials")

@@ -50,7 +50,7 @@ from compress.errors import CompressError
 from compress.metrics import ratios
 from compress.recipe import Recipe, VariantSpec
 from compress.report.tables import jsonable
-from compress.storage import ARTIFACT_DIR, mask_url
+from compress.storage import ARTIFACT_DIR, STORAGE_ENV, mask_url
 from compress.sweep.space import ParamSpec, SweepSpec, defaults, is_active, resolve
 from compress.workbench import (
     Workspace,
@@ -777,19 +777,36 @@ def worker_main(args: WorkerArgs) -> int:
     return 0
 
 
+def worker_command(args: WorkerArgs) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a local worker. The storage URL, which may hold
+    a password, travels in the environment (readable by this user only); the command line,
+    which every user of the machine can list, holds it masked."""
+    import dataclasses
+    import sys
+
+    shown = dataclasses.replace(args, storage=mask_url(args.storage))
+    argv = [sys.executable, "-m", "compress.sweep.runner", json.dumps(dataclasses.asdict(shown))]
+    return argv, {**os.environ, STORAGE_ENV: args.storage}
+
+
+def worker_args(argv_json: str, environ: dict[str, str]) -> WorkerArgs:
+    """The inverse of :func:`worker_command`: the worker's arguments, storage URL included."""
+    args = WorkerArgs(**json.loads(argv_json))
+    full = environ.get(STORAGE_ENV)
+    if full is not None and mask_url(full) == args.storage:
+        args.storage = full
+    return args
+
+
 def spawn_workers(args: list[WorkerArgs], echo: Echo) -> list[int]:
     """Run local worker processes (``python -m compress.sweep.runner``) to the end; Ctrl-C
     reaches them through the terminal's process group, and is passed on if it did not."""
-    import dataclasses
     import subprocess
-    import sys
 
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "compress.sweep.runner", json.dumps(dataclasses.asdict(a))]
-        )
-        for a in args
-    ]
+    procs = []
+    for a in args:
+        argv, env = worker_command(a)
+        procs.append(subprocess.Popen(argv, env=env))
     try:
         return [p.wait() for p in procs]
     except KeyboardInterrupt:
@@ -813,4 +830,4 @@ def spawn_workers(args: list[WorkerArgs], echo: Echo) -> list[int]:
 if __name__ == "__main__":
     import sys
 
-    sys.exit(worker_main(WorkerArgs(**json.loads(sys.argv[1]))))
+    sys.exit(worker_main(worker_args(sys.argv[1], dict(os.environ))))
