@@ -19,6 +19,7 @@ import yaml
 
 from compress.errors import CompressError
 from compress.evaluate import DEFINITIONS
+from compress.preflight import check_output
 from compress.recipe import Recipe, load_recipe
 from compress.report import add_ratios, dashboard_command, html_table, write_report
 from compress.runtime import tune_allocator
@@ -246,6 +247,7 @@ def run(
     out_dir = report_dir or Path("reports") / recipe.name
     if recipe.report.dir and not report_dir:
         out_dir = Path(recipe.report.dir)
+    check_output(out_dir)
     names = ", ".join(["baseline", *(v.name for v in recipe.variants)])
     print(f"compress: {recipe_path} -> {out_dir}/  (variants: {names})", flush=True)
     ws = prepare(recipe, recipe_path.resolve().parent, progress=progress)
@@ -289,6 +291,7 @@ def run_sweep_cli(recipe: Recipe, args: argparse.Namespace) -> int:
     out_dir = args.report_dir or Path(recipe.report.dir or Path("reports") / recipe.name)
     spec = recipe.sweep
     assert spec is not None
+    check_output(out_dir, args.storage or spec.storage)
     print(
         f"compress: sweep {args.recipe} -> {out_dir}/  ({spec.trials} trials, objectives: "
         f"{', '.join(spec.objectives)})",

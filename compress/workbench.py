@@ -54,7 +54,8 @@ from compress.metrics import Measurement
 from compress.models.adapter import ModelAdapter, adapter_for, resolve_device
 from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baseline
 from compress.models.gpt import PRESETS, GPTConfig
-from compress.recipe import Recipe, VariantSpec, variant_stages
+from compress.preflight import check_tokens
+from compress.recipe import Recipe, VariantSpec, stage_seq_lens, variant_stages
 from compress.train import TrainConfig
 from compress.variant import save_variant
 
@@ -137,6 +138,7 @@ def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
     if recipe.model.hf is not None:
         baseline, info, tokenizer = load_hf_baseline(recipe.model, base_dir)
         tokens = encode_splits(tokenizer, corpus)
+        check_tokens(recipe, tokens, trains_baseline=False)
         vocab = adapter_for(baseline).vocab_size(baseline)
         for split, ids in tokens.items():
             if ids.numel() and int(ids.max()) >= vocab:
@@ -147,6 +149,7 @@ def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
     else:
         tokenizer = train_tokenizer(corpus, recipe.data.vocab_size)
         tokens = encode_splits(tokenizer, corpus)
+        check_tokens(recipe, tokens, trains_baseline=True)
         cfg = GPTConfig(vocab_size=tokenizer.vocab_size, **PRESETS[recipe.model.preset])
         baseline, info = get_baseline(
             cfg, tokens, corpus.fingerprint, tokenizer.fingerprint, train_config(recipe), progress
@@ -180,12 +183,7 @@ def _check_context(recipe: Recipe, max_len: int | None) -> None:
         ("eval.perplexity.seq_len", recipe.eval.perplexity.seq_len),
         ("eval.latency.seq_len", recipe.eval.latency.seq_len),
     ]
-    for i, variant in enumerate(recipe.variants):
-        for j, item in enumerate(variant.pipeline):
-            ((name, settings),) = item.items()
-            if isinstance(settings, dict) and isinstance(settings.get("seq_len"), int):
-                asks.append((f"variants[{i}].pipeline[{j}].{name}.seq_len", settings["seq_len"]))
-    for key, n in asks:
+    for key, n in [*asks, *stage_seq_lens(recipe)]:
         if n > max_len:
             raise CompressError(f"{key} = {n} exceeds the model's context length {max_len}")
 
