@@ -23,25 +23,22 @@ from compress import atomic, gate
 from compress.recipe import Recipe
 from compress.report.sweep import METRIC_KEYS, SweepAnalysis, analyse, write_sweep_report
 from compress.storage import ARTIFACT_DIR, SWEEP_FILE, absolute_sqlite, mask_url, sign_pointer
-from compress.sweep.runner import (
+from compress.sweep.claims import requeue_interrupted
+from compress.sweep.objective import Worker, initialize
+from compress.sweep.progress import Echo
+from compress.sweep.runner import WorkerArgs, run_worker, spawn_workers
+from compress.sweep.space import METRICS, SweepSpec, default_recommendations
+from compress.sweep.study import (
     INIT_ATTR,
     READY_ATTR,
-    Echo,
     SweepError,
-    Worker,
-    WorkerArgs,
     count,
     feasible,
-    initialize,
     open_storage,
     open_study,
-    requeue_interrupted,
-    run_worker,
-    spawn_workers,
     storage_url,
     study_name,
 )
-from compress.sweep.space import METRICS, SweepSpec, default_recommendations
 
 log = logging.getLogger(__name__)
 

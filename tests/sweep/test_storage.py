@@ -9,8 +9,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from compress.sweep.runner import open_storage
 from compress.sweep.space import SweepSpec
+from compress.sweep.study import open_storage
 
 SPEC = SweepSpec(params={"x": {"int": [0, 1000]}}, pipeline=[{"prune": {"sparsity": "$x"}}])
 QUEUED = 120

@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from compress import run as run_mod
-from compress.sweep import runner
+from compress.sweep import objective, runner
 from tests.sweep.conftest import (
     running_trial,
     slow_sweep_recipe,
@@ -29,12 +29,12 @@ from tests.sweep.conftest import (
 
 REPO = Path(__file__).resolve().parents[2]
 
-REAL_MEASURE = runner.measure
+REAL_MEASURE = objective.measure
 REAL_RUN_WORKER = runner.run_worker
 
 
 def _count_measure(monkeypatch: pytest.MonkeyPatch, fail=None) -> list[list[dict]]:
-    """Record every pipeline `runner.measure` is asked to build; `fail(pipeline, n)` may
+    """Record every pipeline `objective.measure` is asked to build; `fail(pipeline, n)` may
     raise or return a replacement measurement."""
     calls: list[list[dict]] = []
     real = REAL_MEASURE
@@ -47,7 +47,7 @@ def _count_measure(monkeypatch: pytest.MonkeyPatch, fail=None) -> list[list[dict
                 return out
         return real(w, number, pipeline)
 
-    monkeypatch.setattr(runner, "measure", measure)
+    monkeypatch.setattr(objective, "measure", measure)
     return calls
 
 
@@ -112,7 +112,7 @@ def test_sweep_seeds_resumes_and_never_recomputes(
     )
 
     # re-running a finished sweep measures nothing and adds no trial
-    monkeypatch.setattr(runner, "measure", _boom)
+    monkeypatch.setattr(objective, "measure", _boom)
     assert run_mod.main([str(sweep_file), "--report-dir", str(out), "--no-progress"]) == 0
     assert len(sweep_study(out).trials) == 8
 
@@ -133,7 +133,7 @@ def test_sweep_seeds_resumes_and_never_recomputes(
     assert again[8].params == t1.params and again[8].user_attrs["cached_from"] == "trial 1"
     assert again[8].values == t1.values
     known, ws = set(keys), _ws()
-    assert calls and all(runner.config_key(ws, p) not in known for p in calls)
+    assert calls and all(objective.config_key(ws, p) not in known for p in calls)
 
 
 def _ws():
@@ -190,7 +190,7 @@ def test_failures_and_nan_are_recorded_and_the_sweep_goes_on(
     assert "bitsandbytes exploded" in html
     # a failed measurement is not cached: fixed, it is measured again
     key = by_seed["int8"].user_attrs["config_key"]
-    assert not runner._result_path(key).exists()
+    assert not objective.result_path(key).exists()
 
 
 def test_ctrl_c_leaves_a_consistent_study_that_a_rerun_completes(

@@ -1,0 +1,340 @@
+"""The sweep's objective: one trial is one variant, built by the workbench and measured.
+
+    suggest the trial's parameters -> resolve the pipeline -> reuse a finished result with the
+    same resolved config (the study's, else this machine's result cache), or build + measure
+    it -> the trial's metrics, ratios to the baseline and its attached report
+
+Each worker holds the machine-wide gate (:mod:`compress.gate`) shared while it computes and
+exclusive while it times forward passes, so workers on one machine do not disturb each
+other's latency. Latency is measured paired: the baseline and the variant in alternating
+rounds, and the objective is their ratio, which stays comparable across time and machines.
+Trial 0 is the baseline, measured the same way, then the recipe's seeds are queued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from compress import __version__, gate
+from compress.cache import cache_dir, stable_hash
+from compress.metrics import ratios
+from compress.recipe import Recipe, VariantSpec
+from compress.report.tables import jsonable
+from compress.storage import ARTIFACT_DIR
+from compress.sweep.progress import Echo
+from compress.sweep.space import SweepSpec, defaults, is_active, resolve
+from compress.sweep.study import READY_ATTR, distribution
+from compress.workbench import (
+    Workspace,
+    build_variant,
+    measure_static,
+    paired_latency,
+    set_latency,
+)
+
+log = logging.getLogger(__name__)
+
+RESULT_FORMAT = 2  # the measured record's keys (compress.metrics); older results are not reused
+
+
+def suggest(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
+    """Define-by-run: ask for each active parameter in declaration order."""
+    values: dict[str, Any] = {}
+    for name, p in spec.params.items():
+        if not is_active(p.when, values):
+            continue
+        if p.choice is not None:
+            values[name] = trial.suggest_categorical(name, p.choice)
+        elif p.float_ is not None:
+            d = distribution(p)
+            values[name] = trial.suggest_float(name, d.low, d.high, log=p.log, step=p.step)
+        else:
+            d = distribution(p)
+            values[name] = trial.suggest_int(name, d.low, d.high, log=p.log, step=d.step)
+    return values
+
+
+@dataclass
+class Worker:
+    """What one worker process needs to run trials."""
+
+    recipe: Recipe
+    spec: SweepSpec
+    ws: Workspace
+    out_dir: Path
+    worker_id: str
+    latency_threads: int
+    keep_checkpoints: bool = False
+    echo: Echo = print
+    progress: bool = False
+    base: dict = field(default_factory=dict)  # the baseline trial's metrics (trial 0)
+    artifacts: Any = None
+
+    def __post_init__(self) -> None:
+        from optuna.artifacts import FileSystemArtifactStore
+
+        art_dir = self.out_dir / ARTIFACT_DIR
+        art_dir.mkdir(parents=True, exist_ok=True)
+        self.artifacts = FileSystemArtifactStore(str(art_dir))
+
+
+def config_key(ws: Workspace, pipeline: list[dict]) -> str:
+    """What decides a variant's numbers: the baseline (its cache key covers data, tokenizer,
+    model and training), the evaluation settings, the seed and the resolved pipeline."""
+    recipe = ws.recipe
+    return stable_hash(
+        {
+            "baseline": ws.baseline_info.key,
+            "eval": recipe.eval.model_dump(mode="json"),
+            "seed": recipe.seed,
+            "pipeline": pipeline,
+            "compress": __version__,
+            "format": RESULT_FORMAT,
+        },
+        length=24,
+    )
+
+
+def result_path(key: str) -> Path:
+    return cache_dir() / "sweep-results" / key[:2] / f"{key}.json"
+
+
+def earlier_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's finished trials that `failed_before` and `cached_result` look through (one
+    read of the storage for both)."""
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+
+
+def cached_result(earlier: list[FrozenTrial], key: str) -> tuple[dict | None, str | None]:
+    """A finished measurement of the same resolved config: from the study's `earlier_trials`
+    (any machine), else from this machine's result cache."""
+    for t in earlier:
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("config_key") == key:
+            metrics = t.user_attrs.get("measured")
+            if isinstance(metrics, dict):
+                return dict(metrics), f"trial {t.number}"
+    path = result_path(key)
+    if path.is_file():
+        try:
+            return json.loads(path.read_text()), "cache"
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable result cache %s", path)
+    return None, None
+
+
+def failed_before(earlier: list[FrozenTrial], key: str) -> tuple[int, str] | None:
+    """An earlier trial of the same resolved config that failed for a reason of its own (not
+    Ctrl-C, not a killed worker). Its repeats are recorded as pruned, not measured again:
+    Optuna's samplers ignore failed trials but learn from pruned ones, so without this a
+    sampler can propose a failing configuration over and over."""
+    for t in earlier:
+        a = t.user_attrs
+        if t.state != TrialState.FAIL or a.get("config_key") != key:
+            continue
+        if a.get("error") and not a.get("interrupted"):
+            return t.number, str(a["error"])
+    return None
+
+
+def store_result(key: str, measured: dict) -> None:
+    path = result_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(measured, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
+    """Build the variant and measure it: static metrics under the shared gate, then the
+    paired latency (baseline and variant in alternating rounds) under the exclusive gate.
+    Returns (measured metrics, details for the trial's attached report)."""
+    vdir = w.out_dir / "checkpoints" / f"trial-{number}"
+    with gate.computing():
+        if pipeline:
+            spec = VariantSpec(name=f"trial-{number}", pipeline=pipeline)
+            models = {"baseline": w.ws.baseline}
+            model, reports = build_variant(w.ws, spec, models, w.progress)
+        else:
+            model, reports = w.ws.baseline, []
+        res = measure_static(w.ws, f"trial-{number}", model, reports, vdir)
+    if not w.keep_checkpoints:
+        import shutil
+
+        shutil.rmtree(vdir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another worker's checkpoint may still be there
+            vdir.parent.rmdir()
+    with gate.exclusive() as waited:
+        timings = paired_latency(w.ws, model, w.latency_threads)
+    set_latency(res.measurement, timings)
+    measured = {
+        **res.measurement.to_dict(),
+        "latency_threads": w.latency_threads,
+        "latency_gate_wait_s": waited,
+    }
+    details = {
+        "stage_reports": [r.to_dict() for r in res.stages],
+        "perplexity": res.perplexity.to_dict() if res.perplexity else None,
+        "latency": {k: t.to_dict() for k, t in timings.items()},
+        "rss": res.rss,
+    }
+    return measured, details
+
+
+def with_ratios(measured: dict, base: dict) -> dict:
+    """Measured metrics plus their ratios to the baseline's, as a run's report computes them."""
+    return {**measured, **ratios(measured, base)}
+
+
+def objective_values(spec: SweepSpec, metrics: dict) -> list[float]:
+    values = []
+    for m in spec.objectives:
+        v = metrics.get(m)
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise FloatingPointError(f"objective {m} is {v!r}")
+        values.append(float(v))
+    return values
+
+
+def describe(pipeline: list[dict]) -> str:
+    """``prune(sparsity=0.5) -> int8``: every setting the trial's pipeline gives, defaults
+    included (a run's report shows only non-default settings; in a sweep the values the
+    trial chose are the point)."""
+    parts = []
+    for stage in pipeline:
+        ((name, settings),) = stage.items()
+        inner = ", ".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in (settings or {}).items()
+        )
+        parts.append(f"{name}({inner})" if inner else name)
+    return " -> ".join(parts)
+
+
+def run_trial(w: Worker, trial: optuna.Trial) -> list[float]:
+    gate.checkpoint()  # let a worker that waits to time its forward passes go first
+    start = time.perf_counter()
+    trial.set_user_attr("worker", w.worker_id)
+    try:
+        values = suggest(trial, w.spec)
+        pipeline = resolve(w.spec, values)
+        key = config_key(w.ws, pipeline)
+        trial.set_user_attr("config_key", key)
+        trial.set_user_attr("pipeline", pipeline)
+        trial.set_user_attr("stages", describe(pipeline))
+        earlier = earlier_trials(trial.study)
+        if failure := failed_before(earlier, key):
+            number, error = failure
+            trial.set_user_attr("error", f"not measured again: trial {number} failed ({error})")
+            raise optuna.TrialPruned(f"configuration failed in trial {number}")
+        measured, source = cached_result(earlier, key)
+        details: dict = {}
+        if measured is None:
+            measured, details = measure(w, trial.number, pipeline)
+        metrics = with_ratios(measured, w.base)
+        seconds = time.perf_counter() - start
+        attrs = {**metrics, "measured": measured, "cached_from": source, "seconds": seconds}
+        for k, v in attrs.items():
+            trial.set_user_attr(k, jsonable(v))
+        result = objective_values(w.spec, metrics)  # raises on NaN: the trial fails
+        if source is None:
+            store_result(key, measured)
+    except optuna.TrialPruned:
+        raise
+    except KeyboardInterrupt:
+        trial.set_user_attr("error", "interrupted")
+        trial.set_user_attr("interrupted", True)
+        raise
+    except Exception as exc:
+        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+        trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+        trial.set_user_attr("seconds", time.perf_counter() - start)
+        raise
+    attach(w, trial, pipeline, metrics, details, source)
+    return result
+
+
+def attach(
+    w: Worker,
+    trial: optuna.Trial | optuna.Study,
+    pipeline: list[dict],
+    metrics: dict,
+    details: dict,
+    source: str | None,
+    storage: Any = None,
+) -> None:
+    """The trial's own report, attached as an Optuna artifact the dashboard lists."""
+    from optuna.artifacts import upload_artifact
+
+    number = getattr(trial, "number", 0)  # the study stands for trial 0, the baseline
+    doc = {
+        "trial": number,
+        "params": getattr(trial, "params", {}),
+        "pipeline": pipeline,
+        "metrics": metrics,
+        "cached_from": source,
+        "details": details,
+    }
+    path = w.out_dir / ARTIFACT_DIR / f".trial-{number}-{os.getpid()}.json"
+    try:
+        path.write_text(json.dumps(jsonable(doc), indent=1, sort_keys=True))
+        upload_artifact(
+            artifact_store=w.artifacts,
+            file_path=str(path),
+            study_or_trial=trial,
+            storage=storage,
+            mimetype="application/json",
+        )
+    except Exception as exc:  # the numbers are in user attrs already
+        log.warning("trial %d: could not attach its report: %s", number, exc)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def initialize(study: optuna.Study, w: Worker, echo: Echo) -> None:
+    """Trial 0 is the baseline; then the recipe's seeds are queued in order."""
+    spec = w.spec
+    base_values = defaults(spec)
+    if not any(t.number == 0 for t in study.get_trials(deepcopy=False)):
+        echo("trial 0: measuring the baseline")
+        start = time.perf_counter()
+        measured, details = measure(w, 0, [])
+        metrics = with_ratios(measured, measured)
+        metrics["latency_ratio"] = 1.0  # the reference of every paired ratio
+        attrs = {
+            **metrics,
+            "measured": measured,
+            "seed": "baseline",
+            "pipeline": [],
+            "stages": "",
+            "config_key": config_key(w.ws, []),
+            "worker": w.worker_id,
+            "cached_from": None,
+            "seconds": time.perf_counter() - start,
+        }
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.COMPLETE,
+                values=objective_values(spec, metrics),
+                params=base_values,
+                distributions={k: distribution(spec.params[k]) for k in base_values},
+                user_attrs={k: jsonable(v) for k, v in attrs.items()},
+            )
+        )
+        store_result(attrs["config_key"], measured)
+        # a finished trial takes no artifact, so the baseline's report is the study's
+        attach(w, study, [], metrics, details, None)
+    for name, given in spec.seeds.items():
+        study.enqueue_trial(defaults(spec, given), user_attrs={"seed": name}, skip_if_exists=True)
+    study.set_user_attr(READY_ATTR, True)
