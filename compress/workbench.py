@@ -265,8 +265,11 @@ def measure_static(
     rss = None
     if recipe.eval.memory.peak_rss:
         lat = recipe.eval.latency
-        rss = peak_rss(variant_dir, lat.batch_size, lat.seq_len, _threads(recipe))
+        rss = peak_rss(
+            variant_dir, lat.batch_size, lat.seq_len, _threads(recipe), device=str(ws.device)
+        )
         m.peak_rss_bytes = rss["peak_rss_bytes"]
+        m.gpu_peak_bytes = rss.get("gpu_peak_bytes")
         m.rss_after_load_bytes = rss["rss_after_load_bytes"]
         m.rss_after_import_bytes = rss["rss_after_import_bytes"]
         m.model_rss_bytes = rss["peak_rss_bytes"] - rss["rss_after_import_bytes"]
@@ -344,8 +347,10 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
             else:
                 model, reports = build_variant(ws, spec, models, progress)
                 chain = chains[spec.start] + reports
+                log.info("variant %s: built", name)
             res = measure_static(ws, name, model, reports, out_dir / "variants" / name, chain)
             chains[name] = chain
+            log.info("variant %s: perplexity, size and peak RSS measured", name)
             if spec is not None or len(specs) == 1:
                 timings = paired_latency(ws, model, threads)
                 res.latency = timings["variant"]
@@ -383,6 +388,7 @@ def environment() -> dict[str, str]:
         "processor": _cpu_model(),
         "cpu_count": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
+        "cuda": _cuda_devices(),
     }
     for pkg in (
         "compress",
@@ -400,6 +406,18 @@ def environment() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             env[pkg] = "not installed"
     return env
+
+
+def _cuda_devices() -> str:
+    """The CUDA devices torch sees (name, memory) and its CUDA version, or why there are none."""
+    if not torch.cuda.is_available():
+        return "none (torch sees no CUDA device)"
+    names = [
+        f"{torch.cuda.get_device_name(i)} "
+        f"({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
+        for i in range(torch.cuda.device_count())
+    ]
+    return f"{', '.join(names)}; CUDA {torch.version.cuda}"
 
 
 def _cpu_model() -> str:
