@@ -227,7 +227,9 @@ def write_results(out: Path, built: dict, runs: dict[str, dict]) -> None:
 
     def add(config: str, metric: str, value: float | int | None) -> None:
         if value is not None:
-            tidy.append({"what": "scale", "config": config, "metric": metric, "value": value} | stamp)
+            tidy.append(
+                {"what": "scale", "config": config, "metric": metric, "value": value} | stamp
+            )
 
     add("model", "params", built["params"])
     add("model", "fp32_weight_bytes", fp32)
@@ -320,7 +322,11 @@ def markdown(built: dict, base: dict | None, table: list, stamp: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, r, run, phase in table:
-        lat = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.0f} ({r['latency_iqr_ms']:.0f})"
+        lat = (
+            "-"
+            if r.get("latency_ms") is None
+            else f"{r['latency_ms']:.0f} ({r['latency_iqr_ms']:.0f})"
+        )
         lines.append(
             f"| {variant} | {run['wall_s']:.0f} | {_gib(run['run_peak_rss_bytes'])} "
             f"| {run['run_peak_rss_bytes'] / fp32:.2f} "

@@ -7,7 +7,8 @@
     paired_latency   -> the variant and the baseline timed in alternating rounds, so drift on a
                         noisy machine hits both alike; the ratio is the paired one
     run_variants     -> every variant built, measured and freed in turn (only the baseline and
-                        the variants a later one starts from or learns from stay in memory)
+                        the variants a later one starts from or learns from stay in memory;
+                        freed memory goes back to the OS after each build and each variant)
 
 A variant that fails is recorded with its error; the others go on.
 """
@@ -55,6 +56,7 @@ from compress.models.adapter import ModelAdapter, adapter_for, resolve_device
 from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baseline
 from compress.models.gpt import PRESETS, GPTConfig
 from compress.recipe import Recipe, VariantSpec, variant_stages
+from compress.runtime import release_memory
 from compress.train import TrainConfig
 from compress.variant import save_variant
 
@@ -347,6 +349,7 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
             else:
                 model, reports = build_variant(ws, spec, models, progress)
                 chain = chains[spec.start] + reports
+                release_memory()  # the fp32 layers a stage replaced, freed but still resident
                 log.info("variant %s: built", name)
             res = measure_static(ws, name, model, reports, out_dir / "variants" / name, chain)
             chains[name] = chain
@@ -365,6 +368,7 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
             del model  # freed now unless kept in `models` for a later variant
         for done in [n for n in models if n != BASELINE and keep_until.get(n, -1) <= i]:
             del models[done]
+        release_memory()
     base = results[0]
     if base.status == "ok" and baseline_samples and base.latency is None:
         lat = recipe.eval.latency  # the baseline's timings from every pair, pooled

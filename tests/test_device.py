@@ -74,7 +74,11 @@ def test_gpu_peak_is_a_catalog_metric_left_empty_on_the_cpu(tmp_path: Path) -> N
     assert "gpu_peak_bytes_ratio" in BY_KEY
     assert Measurement().to_dict()["gpu_peak_bytes"] is None
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, mlp_hidden=64, head_dim=16)).eval()
+    model = GPT(
+        GPTConfig(
+            vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, mlp_hidden=64, head_dim=16
+        )
+    ).eval()
     save_variant(model, tmp_path)
     rss = peak_rss(tmp_path, batch_size=1, seq_len=8, threads=1, device="cpu")
     assert "gpu_peak_bytes" not in rss

@@ -189,6 +189,9 @@ def test_gpt2_wikitext2_recipes_offline_form_is_valid(name: str, tmp_path: Path)
     assert "hf: /path/to/gpt2" in text and "corpus: files" in text
     valid, test = "wikitext-2/wiki.valid.tokens", "wikitext-2/wiki.test.tokens"
     data["model"] = {"hf": str(tmp_path / "gpt2")}
-    data["data"] = {"corpus": "files", "files": {"train": [valid], "valid": [valid], "test": [test]}}
+    data["data"] = {
+        "corpus": "files",
+        "files": {"train": [valid], "valid": [valid], "test": [test]},
+    }
     recipe = recipe_from_dict(data, name, "x")
     assert recipe.model.hf == str(tmp_path / "gpt2") and recipe.data.files["test"] == [test]
