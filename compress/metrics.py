@@ -139,6 +139,17 @@ CATALOG: tuple[Metric, ...] = (
         objective=True,
     ),
     Metric(
+        "gpu_peak_bytes",
+        "GPU peak allocated",
+        "on a CUDA device: torch.cuda.max_memory_allocated of that fresh process (counted from "
+        "torch.cuda.reset_peak_memory_stats after the CUDA context exists) over moving the "
+        "variant to the GPU and one forward pass at the latency batch shape: its weights plus "
+        "the forward pass's activations and workspaces. Empty when the run is on the CPU.",
+        "bytes",
+        "lower",
+        objective=True,
+    ),
+    Metric(
         "rss_after_load_bytes",
         "RSS after load",
         "resident size of that process right after loading the variant.",
@@ -160,6 +171,7 @@ RATIO_OF: tuple[str, ...] = (
     "saved_bytes",
     "peak_rss_bytes",
     "model_rss_bytes",
+    "gpu_peak_bytes",
 )
 """Metrics that get a ``<key>_ratio`` = value / the baseline's value of the same run."""
 
@@ -227,6 +239,7 @@ class Measurement:
     saved_bytes: int | None = None
     peak_rss_bytes: int | None = None
     model_rss_bytes: int | None = None
+    gpu_peak_bytes: int | None = None
     rss_after_load_bytes: int | None = None
     rss_after_import_bytes: int | None = None
 

@@ -19,6 +19,7 @@ import yaml
 
 from compress.errors import CompressError
 from compress.evaluate import DEFINITIONS
+from compress.models.adapter import resolve_device
 from compress.preflight import check_output
 from compress.recipe import Recipe, load_recipe
 from compress.report import add_ratios, dashboard_command, html_table, write_report
@@ -82,6 +83,9 @@ def summary_table(rows: list[dict]) -> str:
         "peak RSS",
         "status",
     ]
+    gpu = any(r.get("gpu_peak_bytes") is not None for r in rows)
+    if gpu:  # the run was on a CUDA device
+        cols.insert(-1, "GPU peak")
     lines = []
     for r in rows:
         lines.append(
@@ -97,6 +101,7 @@ def summary_table(rows: list[dict]) -> str:
                 _fmt(r.get("weight_bytes_ratio"), ".3f"),
                 _fmt(r.get("quantized_layer_bytes_ratio"), ".3f"),
                 _fmt_bytes(r.get("peak_rss_bytes")),
+                *([_fmt_bytes(r.get("gpu_peak_bytes"))] if gpu else []),
                 r["status"] if r["status"] == "ok" else f"FAILED: {r.get('error')}",
             ]
         )
@@ -343,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     allocator = "system default" if args.default_allocator else tune_allocator()
     try:
         recipe = load_recipe(args.recipe)
+        try:  # a device that is not there stops the run before any work
+            resolve_device(recipe.device)
+        except CompressError as exc:
+            raise CompressError(f"{args.recipe}: {exc}") from None
         sweep_flags = [
             flag
             for flag, given in (

@@ -7,7 +7,8 @@
     paired_latency   -> the variant and the baseline timed in alternating rounds, so drift on a
                         noisy machine hits both alike; the ratio is the paired one
     run_variants     -> every variant built, measured and freed in turn (only the baseline and
-                        the variants a later one starts from or learns from stay in memory)
+                        the variants a later one starts from or learns from stay in memory;
+                        freed memory goes back to the OS after each build and each variant)
 
 A variant that fails is recorded with its error; the others go on.
 """
@@ -56,6 +57,7 @@ from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baselin
 from compress.models.gpt import PRESETS, GPTConfig
 from compress.preflight import check_tokens
 from compress.recipe import Recipe, VariantSpec, stage_seq_lens, variant_stages
+from compress.runtime import release_memory
 from compress.train import TrainConfig
 from compress.variant import save_variant
 
@@ -263,8 +265,11 @@ def measure_static(
     rss = None
     if recipe.eval.memory.peak_rss:
         lat = recipe.eval.latency
-        rss = peak_rss(variant_dir, lat.batch_size, lat.seq_len, _threads(recipe))
+        rss = peak_rss(
+            variant_dir, lat.batch_size, lat.seq_len, _threads(recipe), device=str(ws.device)
+        )
         m.peak_rss_bytes = rss["peak_rss_bytes"]
+        m.gpu_peak_bytes = rss.get("gpu_peak_bytes")
         m.rss_after_load_bytes = rss["rss_after_load_bytes"]
         m.rss_after_import_bytes = rss["rss_after_import_bytes"]
         m.model_rss_bytes = rss["peak_rss_bytes"] - rss["rss_after_import_bytes"]
@@ -342,8 +347,11 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
             else:
                 model, reports = build_variant(ws, spec, models, progress)
                 chain = chains[spec.start] + reports
+                release_memory()  # the fp32 layers a stage replaced, freed but still resident
+                log.info("variant %s: built", name)
             res = measure_static(ws, name, model, reports, out_dir / "variants" / name, chain)
             chains[name] = chain
+            log.info("variant %s: perplexity, size and peak RSS measured", name)
             if spec is not None or len(specs) == 1:
                 timings = paired_latency(ws, model, threads)
                 res.latency = timings["variant"]
@@ -358,6 +366,7 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
             del model  # freed now unless kept in `models` for a later variant
         for done in [n for n in models if n != BASELINE and keep_until.get(n, -1) <= i]:
             del models[done]
+        release_memory()
     base = results[0]
     if base.status == "ok" and baseline_samples and base.latency is None:
         lat = recipe.eval.latency  # the baseline's timings from every pair, pooled
@@ -381,6 +390,7 @@ def environment() -> dict[str, str]:
         "processor": _cpu_model(),
         "cpu_count": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
+        "cuda": _cuda_devices(),
     }
     for pkg in (
         "compress",
@@ -398,6 +408,18 @@ def environment() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             env[pkg] = "not installed"
     return env
+
+
+def _cuda_devices() -> str:
+    """The CUDA devices torch sees (name, memory) and its CUDA version, or why there are none."""
+    if not torch.cuda.is_available():
+        return "none (torch sees no CUDA device)"
+    names = [
+        f"{torch.cuda.get_device_name(i)} "
+        f"({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
+        for i in range(torch.cuda.device_count())
+    ]
+    return f"{', '.join(names)}; CUDA {torch.version.cuda}"
 
 
 def _cpu_model() -> str:

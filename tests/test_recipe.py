@@ -151,3 +151,47 @@ def test_shipped_recipes_are_valid(path: Path) -> None:
         assert recipe.sweep.seeds, "a shipped sweep starts from the single-technique variants"
     else:
         assert recipe.variants, "a shipped recipe compares at least one variant"
+
+
+HF_RECIPES = ("gpt2-wikitext2-int8.yaml", "gpt2-wikitext2-sweep.yaml")
+
+
+@pytest.mark.parametrize("name", HF_RECIPES)
+def test_gpt2_wikitext2_recipes_load_without_a_network(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    def offline(*args, **kwargs):
+        raise AssertionError("loading a recipe must not use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    recipe = load_recipe(REPO / "recipes" / name)
+    assert recipe.model.hf == "gpt2" and recipe.model.preset is None
+    data = recipe.data
+    assert (data.corpus, data.path, data.name) == ("hf", "wikitext", "wikitext-2-raw-v1")
+    ppl = recipe.eval.perplexity
+    assert (ppl.seq_len, ppl.stride) == (1024, 512)  # GPT-2's context, the HF guide's stride
+    if recipe.sweep is None:
+        assert [s.name for v in recipe.variants for s in variant_stages(v)] == ["int8"]
+    else:
+        assert set(recipe.sweep.seeds) == {"int8", "nf4", "cpu-int8", "prune30"}
+
+
+@pytest.mark.parametrize("name", HF_RECIPES)
+def test_gpt2_wikitext2_recipes_offline_form_is_valid(name: str, tmp_path: Path) -> None:
+    """The form their comments and the README document: a local model directory and the
+    local WikiText-2 files."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "recipes" / name).read_text())
+    text = (REPO / "recipes" / name).read_text()
+    assert "hf: /path/to/gpt2" in text and "corpus: files" in text
+    valid, test = "wikitext-2/wiki.valid.tokens", "wikitext-2/wiki.test.tokens"
+    data["model"] = {"hf": str(tmp_path / "gpt2")}
+    data["data"] = {
+        "corpus": "files",
+        "files": {"train": [valid], "valid": [valid], "test": [test]},
+    }
+    recipe = recipe_from_dict(data, name, "x")
+    assert recipe.model.hf == str(tmp_path / "gpt2") and recipe.data.files["test"] == [test]

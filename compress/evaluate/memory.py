@@ -9,7 +9,8 @@ variant stores. Layers that pack their own weights for a kernel
 byte for byte what the kernel holds), ``weight_numel`` and ``zero_weights()``. ``peak_rss`` runs
 an inference pass in a fresh child process that loads the saved variant, so the number is not
 polluted by training or by other variants held in this process (the child reads its own
-high-water mark, VmHWM, which unlike ru_maxrss does not inherit the parent's).
+high-water mark, VmHWM, which unlike ru_maxrss does not inherit the parent's). On a CUDA
+device the child runs the model there and also reports the GPU's peak allocated bytes.
 """
 
 from __future__ import annotations
@@ -174,13 +175,20 @@ def dir_bytes(path: Path) -> int:
 
 
 def peak_rss(
-    variant_dir: Path, batch_size: int, seq_len: int, threads: int, timeout: float = 600
+    variant_dir: Path,
+    batch_size: int,
+    seq_len: int,
+    threads: int,
+    timeout: float = 600,
+    device: str = "cpu",
 ) -> dict:
-    """Load the saved variant in a fresh Python process, run one forward pass, report RSS.
+    """Load the saved variant in a fresh Python process, run one forward pass on ``device``,
+    report its memory.
 
     Returns ``{"rss_after_import_bytes", "rss_after_load_bytes", "peak_rss_bytes"}``: the
     resident set after importing torch and compress, after loading the weights, and the peak
-    over the whole child process, all in bytes.
+    over the whole child process, all in bytes; on a CUDA device also ``"gpu_peak_bytes"``,
+    the GPU memory allocated at the peak of loading and the forward pass.
     """
     cmd = [
         sys.executable,
@@ -190,10 +198,11 @@ def peak_rss(
         str(batch_size),
         str(seq_len),
         str(threads),
+        str(device),
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"peak-RSS child process failed: {tail[0]}")
+        raise RuntimeError(f"peak-memory child process failed: {tail[0]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

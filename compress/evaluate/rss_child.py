@@ -1,6 +1,10 @@
-"""Peak-RSS child process: ``python -m compress.evaluate.rss_child DIR BATCH SEQ_LEN THREADS``.
+"""Peak-memory child process:
+``python -m compress.evaluate.rss_child DIR BATCH SEQ_LEN THREADS [DEVICE]``.
 
-Prints one JSON line. Kept minimal so the measurement is of loading and running the model.
+Prints one JSON line. Kept minimal so the measurement is of loading and running the model. On
+a CUDA device the model runs there, and the line also gives the GPU's peak allocated bytes
+(``torch.cuda.max_memory_allocated``: the weights plus the forward pass; the CUDA context is
+created before the count starts and is not in it).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def _peak_rss_bytes() -> int:
 
 def main(argv: list[str]) -> None:
     variant_dir, batch, seq_len, threads = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    device_name = argv[4] if len(argv) > 4 else "cpu"
     import torch
 
     from compress.models.adapter import adapter_for
@@ -54,23 +59,25 @@ def main(argv: list[str]) -> None:
         from compress.models.hf import import_transformers
 
         import_transformers().AutoModelForCausalLM  # noqa: B018  (its lazy import, done now)
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    if cuda:  # the CUDA context is runtime too: created before "after import"
+        torch.cuda.init()
+        torch.empty(0, device=device)
+        torch.cuda.reset_peak_memory_stats(device)
     after_import = _rss_bytes()
-    model = load_variant(variant_dir)
+    model = load_variant(variant_dir).to(device)
     after_load = _rss_bytes()
     vocab = adapter_for(model).vocab_size(model)
     x = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        model(x)
-    peak = _peak_rss_bytes()
-    print(
-        json.dumps(
-            {
-                "rss_after_import_bytes": after_import,
-                "rss_after_load_bytes": after_load,
-                "peak_rss_bytes": peak,
-            }
-        )
-    )
+        model(x.to(device))
+    out = {"rss_after_import_bytes": after_import, "rss_after_load_bytes": after_load}
+    if cuda:
+        torch.cuda.synchronize(device)
+        out["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    out["peak_rss_bytes"] = _peak_rss_bytes()
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

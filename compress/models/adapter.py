@@ -216,7 +216,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise CompressError("device: 'cuda' asked for, but torch sees no CUDA device")
+        why = (
+            "this torch build has no CUDA support"
+            if torch.version.cuda is None
+            else f"torch (CUDA {torch.version.cuda}) sees no CUDA device"
+        )
+        raise CompressError(f"device: 'cuda' asked for, but {why}; allowed here: auto, cpu")
     return torch.device(name)
 
 

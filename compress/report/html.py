@@ -121,6 +121,7 @@ _SUMMARY_HEADERS: tuple[str, ...] = (
     "saved MB",
     "peak RSS MB",
     "model RSS MB",
+    "GPU peak MB",
     "params",
     "sparsity",
 )
@@ -145,6 +146,7 @@ def _summary_cells(row: dict) -> list[str]:
         _num(row.get("saved_bytes"), ".2f", _MB),
         _num(row.get("peak_rss_bytes"), ".1f", _MB),
         _num(row.get("model_rss_bytes"), ".1f", _MB),
+        _num(row.get("gpu_peak_bytes"), ".1f", _MB),
         "—" if params is None else f"{params:,.0f}",
         _num(row.get("sparsity"), ".3f"),
     ]
