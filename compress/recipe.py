@@ -133,6 +133,11 @@ class TrainSpec(Strict):
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(8, ge=1)
     early_stop_patience: int | None = Field(None, ge=1)
+    # A checkpoint of the baseline's training every this many steps: Ctrl-C or the time cap
+    # loses at most this many. A baseline stopped early is cached as partial and resumed by the
+    # next run ("resume"), or used as it is ("accept"); reports mark it partial either way.
+    checkpoint_every: int = Field(100, ge=1)
+    partial: Literal["resume", "accept"] = "resume"
 
 
 class PerplexitySpec(Strict):

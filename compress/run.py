@@ -138,7 +138,8 @@ def _sections(
             {
                 "what": "training",
                 "value": f"{tr['steps']} steps, {tr['tokens_seen']:,} tokens, "
-                f"{tr['seconds']:.1f} s, stopped by {tr['stopped_by']}",
+                f"{tr['seconds']:.1f} s, stopped by {tr['stopped_by']}"
+                + (f" ({info.steps_text().upper()})" if info.partial else ""),
             },
             {"what": "best validation loss", "value": _fmt(tr.get("best_val_loss"), ".4f")},
         ]
@@ -260,6 +261,8 @@ def run(
     print(f"{ws.baseline_info.headline()}; setup {ws.setup_seconds:.1f} s", flush=True)
     results = run_variants(ws, out_dir, progress=progress)
     rows = [r.row for r in results]
+    if ws.baseline_info.partial:  # never reported as a normal result: every row says so
+        rows = [{**row, "baseline_partial": ws.baseline_info.steps_text()} for row in rows]
     recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     seconds = time.perf_counter() - start
     paths = write_report(
@@ -282,6 +285,8 @@ def run(
     )
     print(f"report: {paths['html']}  (also {paths['csv'].name}, {paths['json'].name})")
     print(f"dashboard: {dashboard_command(paths['study'])}")
+    if warning := ws.baseline_info.partial_warning(rows[0].get("perplexity")):
+        print(f"\n{warning}", file=sys.stderr)
     n_failed = sum(r["status"] != "ok" for r in rows)
     if n_failed:
         print(f"{n_failed} of {len(rows)} variants failed; see the report", file=sys.stderr)

@@ -3,15 +3,22 @@
 AdamW, linear warm-up then cosine decay, gradient clipping, optional bf16 autocast, a budget in
 steps and/or minutes, periodic validation with optional early stopping, and a progress bar.
 The loss is pluggable (``loss_fn``) so distillation reuses the loop unchanged.
+
+A run can stop before ``max_steps`` (the time cap, or a step cap for this call) and continue
+later exactly where it stopped: :class:`TrainState` holds everything the loop carries from one
+step to the next (optimizer moments, both random generators, validation bookkeeping), and
+resuming from it gives bitwise the same weights as one uninterrupted run on the same machine.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -44,22 +51,72 @@ class TrainConfig:
     # Evaluations without improvement before stopping; when set, the best weights seen at a
     # validation point are restored at the end.
     early_stop_patience: int | None = None
+    # Hand a resumable state to ``on_checkpoint`` every this many steps (None: only when the
+    # run stops before max_steps), so an interrupted run loses at most this many steps.
+    checkpoint_every: int | None = None
     seed: int = 0
+
+
+PARTIAL_STOPS = frozenset({"max_minutes", "step_cap", "interrupted"})
+"""How a run ends before its planned steps: the weights are partly trained. A periodic
+checkpoint is labelled "interrupted": read back later, it is what a run that never got further
+(Ctrl-C, a crash) left behind."""
 
 
 @dataclass
 class TrainReport:
     steps: int
-    seconds: float
+    seconds: float  # training time over every run that led here (resumed runs added up)
     tokens_seen: int
     final_train_loss: float
     best_val_loss: float | None
-    stopped_by: str  # "max_steps", "max_minutes" or "early_stop"
+    # "max_steps", "early_stop" (complete), or "max_minutes", "step_cap", "interrupted" (partial)
+    stopped_by: str
     best_step: int  # step of the best validation loss (the weights kept when early stopping)
     history: list[dict] = field(default_factory=list)
+    planned_steps: int = 0  # max_steps of the config
+    runs: int = 1  # how many calls (the first and each resume) trained these weights
+
+    @property
+    def partial(self) -> bool:
+        return self.stopped_by in PARTIAL_STOPS
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "partial": self.partial}
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from one step to the next, beyond the model's weights."""
+
+    step: int
+    optimizer: dict  # ``optimizer.state_dict()``
+    torch_rng: torch.Tensor  # the global CPU generator (dropout)
+    batch_rng: torch.Tensor  # the generator that draws training windows
+    history: list[dict]
+    best_val: float | None
+    best_step: int
+    bad_evals: int
+    loss_value: float
+    seconds: float  # training time so far, over every run
+    runs: int
+    best_weights: dict[str, torch.Tensor] | None = None  # kept for early stopping
+
+    _TENSORS = ("optimizer", "torch_rng", "batch_rng", "best_weights")
+
+    def save(self, path: Path) -> None:
+        """``path/state.pt`` (tensors, read back with ``weights_only=True``) and
+        ``path/state.json`` (the rest)."""
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({k: getattr(self, k) for k in self._TENSORS}, path / "state.pt")
+        rest = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._TENSORS}
+        (path / "state.json").write_text(json.dumps(rest, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainState:
+        tensors = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+        rest = json.loads((path / "state.json").read_text())
+        return cls(**rest, **tensors)
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -131,12 +188,20 @@ def train(
     progress: bool = True,
     val_loss_fn: LossFn | None = None,
     on_step: Callable[[], None] | None = None,
+    resume: TrainState | None = None,
+    on_checkpoint: Callable[[nn.Module, TrainState, TrainReport], None] | None = None,
+    stop_at: int | None = None,
 ) -> TrainReport:
     """Train ``model`` in place on random windows of ``train_ids`` and return what happened.
 
     ``loss_fn`` is what is minimised; ``val_loss_fn`` (default: the same) is what validation and
     early stopping watch, e.g. plain cross-entropy while distilling. ``on_step`` runs after every
     optimizer step, e.g. to keep pruned weights at zero.
+
+    ``resume`` continues a run from the state an earlier call handed to ``on_checkpoint``
+    (``model`` must hold that call's weights at that step). ``on_checkpoint(model, state,
+    report)`` gets a resumable state every ``cfg.checkpoint_every`` steps and when the run stops
+    before ``max_steps`` (time cap, or ``stop_at``: stop this call once that step is done).
     """
     val_loss_fn = val_loss_fn or loss_fn
     torch.manual_seed(cfg.seed)
@@ -154,12 +219,61 @@ def train(
     stopped_by = "max_steps"
     loss_value = float("nan")
     step = 0
-    bar = tqdm(total=cfg.max_steps, desc=desc, disable=not progress, leave=False, unit="step")
+    seconds_before, runs = 0.0, 1
+    if resume is not None:
+        opt.load_state_dict(resume.optimizer)
+        torch.set_rng_state(resume.torch_rng)
+        gen.set_state(resume.batch_rng)
+        step, history, best_val = resume.step, list(resume.history), resume.best_val
+        best_step, bad_evals, loss_value = resume.best_step, resume.bad_evals, resume.loss_value
+        best_state, seconds_before, runs = resume.best_weights, resume.seconds, resume.runs + 1
+
+    def report(stop: str) -> TrainReport:
+        return TrainReport(
+            steps=step,
+            seconds=seconds_before + time.perf_counter() - start,
+            tokens_seen=step * cfg.batch_size * cfg.seq_len,
+            final_train_loss=loss_value,
+            best_val_loss=best_val,
+            stopped_by=stop,
+            best_step=best_step,
+            history=list(history),
+            planned_steps=cfg.max_steps,
+            runs=runs,
+        )
+
+    def checkpoint() -> None:
+        if on_checkpoint is None:
+            return
+        state = TrainState(
+            step=step,
+            optimizer=opt.state_dict(),
+            torch_rng=torch.get_rng_state(),
+            batch_rng=gen.get_state(),
+            history=list(history),
+            best_val=best_val,
+            best_step=best_step,
+            bad_evals=bad_evals,
+            loss_value=loss_value,
+            seconds=seconds_before + time.perf_counter() - start,
+            runs=runs,
+            best_weights=best_state,
+        )
+        on_checkpoint(
+            model, state, report(stopped_by if stopped_by in PARTIAL_STOPS else "interrupted")
+        )
+
+    bar = tqdm(
+        total=cfg.max_steps, initial=step, desc=desc, disable=not progress, leave=False, unit="step"
+    )
     try:
         while step < cfg.max_steps:
             gate.checkpoint()  # let a waiting latency measurement have the machine
             if deadline is not None and time.perf_counter() >= deadline:
                 stopped_by = "max_minutes"
+                break
+            if stop_at is not None and step >= stop_at:
+                stopped_by = "step_cap"
                 break
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
@@ -193,20 +307,17 @@ def train(
                     if cfg.early_stop_patience is not None and bad_evals >= cfg.early_stop_patience:
                         stopped_by = "early_stop"
                         break
+            every = cfg.checkpoint_every
+            if every and step % every == 0 and step < cfg.max_steps:
+                checkpoint()
     finally:
         bar.close()
+    if stopped_by in PARTIAL_STOPS:
+        checkpoint()  # the state to resume from; the weights stay as trained so far
+        model.eval()
+        return report(stopped_by)
     if best_state is not None and best_step != step:
         model.load_state_dict(best_state)
         log.info("%s: restored the best weights (step %d, val %.4f)", desc, best_step, best_val)
     model.eval()
-    seconds = time.perf_counter() - start
-    return TrainReport(
-        steps=step,
-        seconds=seconds,
-        tokens_seen=step * cfg.batch_size * cfg.seq_len,
-        final_train_loss=loss_value,
-        best_val_loss=best_val,
-        stopped_by=stopped_by,
-        best_step=best_step,
-        history=history,
-    )
+    return report(stopped_by)

@@ -119,7 +119,8 @@ class VariantResult:
 
 
 def train_config(recipe: Recipe) -> TrainConfig:
-    return TrainConfig(**recipe.train.model_dump(), seed=recipe.seed)
+    settings = recipe.train.model_dump(exclude={"partial"})  # a cache policy, not training
+    return TrainConfig(**settings, seed=recipe.seed)
 
 
 def load_corpus(recipe: Recipe, base_dir: Path) -> Corpus:
@@ -154,7 +155,13 @@ def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
         check_tokens(recipe, tokens, trains_baseline=True)
         cfg = GPTConfig(vocab_size=tokenizer.vocab_size, **PRESETS[recipe.model.preset])
         baseline, info = get_baseline(
-            cfg, tokens, corpus.fingerprint, tokenizer.fingerprint, train_config(recipe), progress
+            cfg,
+            tokens,
+            corpus.fingerprint,
+            tokenizer.fingerprint,
+            train_config(recipe),
+            progress,
+            partial=recipe.train.partial,
         )
         if recipe.model.dtype != "float32":
             baseline = baseline.to(getattr(torch, recipe.model.dtype))

@@ -223,6 +223,15 @@ def render_html(
     """
     rows = add_ratios(rows) if rows and "perplexity_ratio" not in rows[0] else list(rows)
     head = [("Summary", _summary_table(rows))]
+    if rows and rows[0].get("baseline_partial"):
+        steps = html.escape(str(rows[0]["baseline_partial"]))
+        notice = (
+            f'<p style="color:#a00;font-weight:bold">The baseline is {steps}'
+            ": its training stopped early, so every number here compares against an "
+            "undertrained model. Run the recipe again to resume its training, or set "
+            "<code>train.partial: accept</code> to keep it.</p>"
+        )
+        head.insert(0, ("Partial baseline", notice))
     if charts:
         head.append(("Charts", _charts_html(charts)))
     return html_page(
