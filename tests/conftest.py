@@ -25,6 +25,7 @@ TINY_RECIPE: dict = {
         "warmup_steps": 20,
         "eval_every": 100,
         "eval_batches": 2,
+        "max_minutes": None,  # the step count decides, however busy the machine is
     },
     "eval": {
         "perplexity": {"split": "test", "seq_len": 128, "max_tokens": 8192},
