@@ -23,7 +23,9 @@ from compress.models.adapter import resolve_device
 from compress.preflight import check_output
 from compress.recipe import Recipe, load_recipe
 from compress.report import add_ratios, dashboard_command, html_table, write_report
+from compress.report.folder import claim
 from compress.runtime import tune_allocator
+from compress.storage import mask_urls
 from compress.workbench import VariantResult, Workspace, environment, prepare, run_variants
 
 log = logging.getLogger("compress")
@@ -255,26 +257,29 @@ def run(
         out_dir = Path(recipe.report.dir)
     check_output(out_dir)
     names = ", ".join(["baseline", *(v.name for v in recipe.variants)])
-    print(f"compress: {recipe_path} -> {out_dir}/  (variants: {names})", flush=True)
-    ws = prepare(recipe, recipe_path.resolve().parent, progress=progress)
-    print(f"data: {ws.corpus.description}", flush=True)
-    print(f"{ws.baseline_info.headline()}; setup {ws.setup_seconds:.1f} s", flush=True)
-    results = run_variants(ws, out_dir, progress=progress)
-    rows = [r.row for r in results]
-    if ws.baseline_info.partial:  # never reported as a normal result: every row says so
-        rows = [{**row, "baseline_partial": ws.baseline_info.steps_text()} for row in rows]
-    recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-    seconds = time.perf_counter() - start
-    paths = write_report(
-        out_dir,
-        rows,
-        name=recipe.name,
-        recipe_text=recipe_text,
-        meta=_meta(ws, results, seconds),
-        definitions=DEFINITIONS,
-        environment={**environment(), "allocator": allocator},
-        sections=_sections(ws, results, add_ratios(rows)),
-    )
+    with claim(out_dir, "run") as folder:  # one writer, a folder compress owns: before any work
+        print(f"compress: {recipe_path} -> {out_dir}/  (variants: {names})", flush=True)
+        ws = prepare(recipe, recipe_path.resolve().parent, progress=progress)
+        print(f"data: {ws.corpus.description}", flush=True)
+        print(f"{ws.baseline_info.headline()}; setup {ws.setup_seconds:.1f} s", flush=True)
+        with folder.staged() as staging:  # the previous report stays whole until the swap
+            results = run_variants(ws, staging, progress=progress)
+            rows = [r.row for r in results]
+            if ws.baseline_info.partial:  # never reported as a normal result: every row says so
+                rows = [{**row, "baseline_partial": ws.baseline_info.steps_text()} for row in rows]
+            recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+            seconds = time.perf_counter() - start
+            written = write_report(
+                staging,
+                rows,
+                name=recipe.name,
+                recipe_text=recipe_text,
+                meta=_meta(ws, results, seconds),
+                definitions=DEFINITIONS,
+                environment={**environment(), "allocator": allocator},
+                sections=_sections(ws, results, add_ratios(rows)),
+            )
+    paths = {key: out_dir / path.name for key, path in written.items()}
     rows = add_ratios(rows)
     print()
     print(summary_table(rows))
@@ -307,18 +312,20 @@ def run_sweep_cli(recipe: Recipe, args: argparse.Namespace) -> int:
         f"{', '.join(spec.objectives)})",
         flush=True,
     )
-    outcome = run_sweep(
-        recipe,
-        args.recipe,
-        out_dir,
-        storage=args.storage,
-        study=args.study,
-        workers=args.workers,
-        progress=not args.no_progress and args.workers == 1,
-        verbose=args.verbose,
-        keep_checkpoints=args.keep_checkpoints,
-        echo=lambda line: print(line, flush=True),
-    )
+    with claim(out_dir, "sweep") as folder:  # shared: other sweep commands may join the study
+        folder.ensure()
+        outcome = run_sweep(
+            recipe,
+            args.recipe,
+            out_dir,
+            storage=args.storage,
+            study=args.study,
+            workers=args.workers,
+            progress=not args.no_progress and args.workers == 1,
+            verbose=args.verbose,
+            keep_checkpoints=args.keep_checkpoints,
+            echo=lambda line: print(line, flush=True),
+        )
     print()
     print(summary(outcome, spec))
     print()
@@ -378,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe, args.recipe, args.report_dir, progress=not args.no_progress, allocator=allocator
         )
     except CompressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_urls(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

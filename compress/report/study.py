@@ -6,6 +6,7 @@ dashboard shows the Pareto front of the variants directly.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from optuna.trial import TrialState
 
 from compress.metrics import as_float
 from compress.report.tables import jsonable
-from compress.storage import STUDY_FILE, SWEEP_FILE, command_for, sqlite_url
+from compress.storage import STUDY_FILE, SWEEP_FILE, command_for, mask_urls, sqlite_url
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +44,21 @@ def _objective_values(row: dict) -> tuple[list[float] | None, str | None]:
     return values, None
 
 
+def _masked(value: Any) -> Any:
+    """A JSON-able value with every URL's password in its strings masked."""
+    return json.loads(mask_urls(json.dumps(value)))
+
+
 def _user_attrs(row: dict) -> dict[str, Any]:
-    """Every key of `row` whose value is JSON-able (NaN/inf as None; others skipped)."""
+    """Every key of `row` whose value is JSON-able (NaN/inf as None; others skipped); a URL's
+    password in a string (an error message) is masked."""
     attrs: dict[str, Any] = {}
     for key, value in row.items():
         clean = jsonable(value)
         if isinstance(clean, str) and not isinstance(value, str):
             logger.debug("user attr %r skipped: %r is not JSON-able", key, type(value))
             continue
-        attrs[str(key)] = clean
+        attrs[str(key)] = mask_urls(clean) if isinstance(clean, str) else clean
     return attrs
 
 
@@ -85,7 +92,7 @@ def write_study(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(OBJECTIVES))
         for key, value in (meta or {}).items():
-            study.set_user_attr(str(key), jsonable(value))
+            study.set_user_attr(str(key), _masked(jsonable(value)))
 
         names = [str(row.get("variant")) for row in rows]
         distribution = CategoricalDistribution(choices=list(dict.fromkeys(names)))
@@ -93,7 +100,7 @@ def write_study(
             values, error = _objective_values(row)
             attrs = _user_attrs(row)
             if values is None:
-                attrs["error"] = error
+                attrs["error"] = mask_urls(str(error))
                 state = TrialState.FAIL
             else:
                 state = TrialState.COMPLETE

@@ -284,7 +284,7 @@ def test_sweep_flags_need_a_sweep_recipe(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_bad_storage_is_one_line_and_exit_2(sweep_file: Path, tmp_path: Path, capsys) -> None:
     code = run_mod.main(
-        [str(sweep_file), "--report-dir", str(tmp_path), "--storage", "nosuchdb://x"]
+        [str(sweep_file), "--report-dir", str(tmp_path / "out"), "--storage", "nosuchdb://x"]
     )
     assert code == 2
     err = capsys.readouterr().err
