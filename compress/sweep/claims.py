@@ -306,8 +306,8 @@ def requeue_interrupted(study: optuna.Study, worker: str | None = None) -> int:
 
 @dataclass
 class Claim:
-    """A trial this worker now runs; `twin` is an earlier RUNNING trial of the same
-    configuration (its trial id and number), which this one waits for and then reuses."""
+    """A trial this worker now runs; `twin` is a trial of the same configuration that was
+    running when this one was claimed (its trial id and number): wait for it, then reuse."""
 
     trial: optuna.Trial
     key: str
@@ -355,12 +355,10 @@ def claim(
                 trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
             study.tell(trial, state=TrialState.FAIL)
             raise
+        # every running trial was claimed before this one (claims are serialized), so waits
+        # point back in time and never form a cycle, whatever the trial numbers
         twins = [
-            t
-            for t in trials
-            if t.state == TrialState.RUNNING
-            and t.user_attrs.get(KEY_ATTR) == key
-            and t.number < trial.number
+            t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get(KEY_ATTR) == key
         ]
         twin = min(twins, key=lambda t: t.number) if twins else None
         return Claim(trial, key, (twin._trial_id, twin.number) if twin else None)
