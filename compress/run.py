@@ -332,9 +332,10 @@ def run_sweep_cli(recipe: Recipe, args: argparse.Namespace) -> int:
     print(f"report: {outcome.paths['html']}  (also {outcome.paths['csv'].name})")
     print(f"dashboard: {command_for(out_dir)}")
     if outcome.failed_workers:
+        for failed in outcome.failed_workers:
+            print(f"error: {failed}", file=sys.stderr)
         print(
-            f"error: {', '.join(outcome.failed_workers)} stopped with an error (its message is "
-            "above); the other workers' trials are in the study, run the same command to continue",
+            "the other workers' trials are in the study; run the same command to continue",
             file=sys.stderr,
         )
         return 1

@@ -17,16 +17,17 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from compress import atomic, gate
 from compress.recipe import Recipe
 from compress.report.sweep import METRIC_KEYS, SweepAnalysis, analyse, write_sweep_report
 from compress.storage import ARTIFACT_DIR, SWEEP_FILE, absolute_sqlite, mask_url, sign_pointer
-from compress.sweep.claims import requeue_interrupted
+from compress.sweep.claims import REASON_ATTR, claim_lock, release_dead, requeue_interrupted
 from compress.sweep.objective import Worker, initialize
 from compress.sweep.progress import Echo
-from compress.sweep.runner import WorkerArgs, run_worker, spawn_workers
+from compress.sweep.runner import WorkerArgs, WorkerExit, run_worker, spawn_workers
 from compress.sweep.space import METRICS, SweepSpec, default_recommendations
 from compress.sweep.study import (
     INIT_ATTR,
@@ -54,15 +55,15 @@ class SweepOutcome:
     seconds: float
     ran: int  # trials finished by this invocation
     interrupted: bool
-    failed_workers: list[str]  # local workers that stopped with an error, as "worker i (exit c)"
+    failed_workers: list[str]  # local workers that stopped with an error: who, how, last error
     analysis: SweepAnalysis  # the report's front, repeats and recommendations
 
 
 def collect_trials(study: optuna.Study, spec: SweepSpec) -> list[dict]:
     """Every trial as a flat record (the report's input), ordered by number."""
     trials = study.get_trials(deepcopy=False)
-    retried_as = {
-        t.system_attrs["failed_trial"]: t.number
+    retries = {
+        t.system_attrs["failed_trial"]: t
         for t in trials
         if isinstance(t.system_attrs.get("failed_trial"), int)
     }
@@ -70,10 +71,12 @@ def collect_trials(study: optuna.Study, spec: SweepSpec) -> list[dict]:
     for t in trials:
         a = dict(t.user_attrs)
         error = a.get("error")
+        retry = retries.get(t.number)
         if t.state == TrialState.FAIL and not error:
-            error = "worker stopped heartbeating (killed?)"
-        if t.state == TrialState.FAIL and t.number in retried_as:
-            error = f"{error}; queued again as trial {retried_as[t.number]}"
+            reason = retry.system_attrs.get(REASON_ATTR) if retry else None
+            error = reason or "worker stopped heartbeating (killed?)"
+        if t.state == TrialState.FAIL and retry is not None:
+            error = f"{error}; queued again as trial {retry.number}"
         record = {
             "number": t.number,
             "state": t.state.name,
@@ -185,12 +188,12 @@ def write_pointer(out_dir: Path, storage: str, name: str) -> Path:
     return path
 
 
-def _fail_stale(study: optuna.Study) -> None:
-    """Fail the trials whose worker stopped heartbeating (each is queued again by the
-    storage's retry callback, see runner.open_storage)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+def release(study: optuna.Study, rdb: RDBStorage, echo: Echo) -> None:
+    """Fail the running trials whose worker is dead (a stale heartbeat, or a process of this
+    machine that is gone) and queue each again with the same parameters."""
+    with claim_lock(rdb, study._study_id):
+        for released in release_dead(study, rdb):
+            echo(released.line())
 
 
 def run_sweep(
@@ -240,7 +243,7 @@ def run_sweep(
                     recipe, spec, ws, out_dir, "init", latency_threads, keep_checkpoints, echo
                 )
                 initialize(st, w, echo)
-        _fail_stale(st)
+        release(st, rdb, echo)
         if n := requeue_interrupted(st):
             echo(f"queued {n} interrupted trial(s) again")
         done = count(st, TrialState.COMPLETE)
@@ -266,7 +269,13 @@ def run_sweep(
                 f"starting {workers} workers ({compute_threads} compute thread(s) each; "
                 f"latency timed alone with {latency_threads} threads)"
             )
-            codes = spawn_workers(
+
+            def on_exit(ended: WorkerExit, st: optuna.Study = st) -> None:
+                if ended.failed:  # its trial need not wait for the heartbeat to go stale
+                    echo(f"error: {ended.describe()}")
+                    release(st, rdb, echo)
+
+            exits = spawn_workers(
                 [
                     WorkerArgs(
                         str(recipe_path),
@@ -284,11 +293,10 @@ def run_sweep(
                     for i in range(workers)
                 ],
                 echo,
+                on_exit,
             )
-            failed_workers = [
-                f"worker {i} (exit {c})" for i, c in enumerate(codes) if c not in (0, 130)
-            ]
-            interrupted = 130 in codes
+            failed_workers = [e.describe() for e in exits if e.failed]
+            interrupted = any(e.code == 130 for e in exits)
     except KeyboardInterrupt:
         interrupted = True
         if not opened:
@@ -297,7 +305,7 @@ def run_sweep(
         gate.install(None)
     st = optuna.load_study(study_name=name, storage=rdb)
     if opened:  # a trial of a worker that died late in the sweep: failed and queued again
-        _fail_stale(st)
+        release(st, rdb, echo)
     seconds = time.perf_counter() - start
     ran = count(st, TrialState.COMPLETE, TrialState.FAIL) - before
     meta = {

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from compress import __version__, gate
@@ -33,6 +34,7 @@ from compress.metrics import ratios
 from compress.recipe import Recipe, VariantSpec
 from compress.report.tables import jsonable
 from compress.storage import ARTIFACT_DIR
+from compress.sweep.claims import KEY_ATTR
 from compress.sweep.progress import Echo
 from compress.sweep.space import SweepSpec, defaults, is_active, resolve
 from compress.sweep.study import READY_ATTR, distribution
@@ -121,7 +123,7 @@ def cached_result(earlier: list[FrozenTrial], key: str) -> tuple[dict | None, st
     """A finished measurement of the same resolved config: from the study's `earlier_trials`
     (any machine), else from this machine's result cache."""
     for t in earlier:
-        if t.state == TrialState.COMPLETE and t.user_attrs.get("config_key") == key:
+        if t.state == TrialState.COMPLETE and t.user_attrs.get(KEY_ATTR) == key:
             metrics = t.user_attrs.get("measured")
             if isinstance(metrics, dict):
                 return dict(metrics), f"trial {t.number}"
@@ -141,7 +143,7 @@ def failed_before(earlier: list[FrozenTrial], key: str) -> tuple[int, str] | Non
     sampler can propose a failing configuration over and over."""
     for t in earlier:
         a = t.user_attrs
-        if t.state != TrialState.FAIL or a.get("config_key") != key:
+        if t.state != TrialState.FAIL or a.get(KEY_ATTR) != key:
             continue
         if a.get("error") and not a.get("interrupted"):
             return t.number, str(a["error"])
@@ -222,17 +224,38 @@ def describe(pipeline: list[dict]) -> str:
     return " -> ".join(parts)
 
 
-def run_trial(w: Worker, trial: optuna.Trial) -> list[float]:
-    gate.checkpoint()  # let a worker that waits to time its forward passes go first
+@dataclass
+class Variant:
+    """A claimed trial's configuration: its resolved pipeline and that pipeline's key."""
+
+    pipeline: list[dict]
+    key: str
+    start: float  # time.perf_counter() when the trial was claimed
+
+
+def label(w: Worker, trial: optuna.Trial) -> Variant:
+    """Suggest the trial's parameters and record the configuration they make (done while the
+    trial is claimed, so that other workers see what it will measure)."""
     start = time.perf_counter()
-    trial.set_user_attr("worker", w.worker_id)
+    values = suggest(trial, w.spec)
+    pipeline = resolve(w.spec, values)
+    key = config_key(w.ws, pipeline)
+    trial.set_user_attr(KEY_ATTR, key)
+    trial.set_user_attr("pipeline", pipeline)
+    trial.set_user_attr("stages", describe(pipeline))
+    return Variant(pipeline, key, start)
+
+
+def run_trial(w: Worker, trial: optuna.Trial, variant: Variant) -> list[float]:
+    """Measure the claimed trial (or reuse a result of its configuration) and record it.
+
+    A fresh measurement goes into this machine's result cache before anything is written to
+    the trial: if another worker failed the trial meanwhile (its heartbeat went stale), the
+    write raises ``UpdateFinishedTrialError`` and the trial's retry reuses the result.
+    """
+    gate.checkpoint()  # let a worker that waits to time its forward passes go first
+    pipeline, key, start = variant.pipeline, variant.key, variant.start
     try:
-        values = suggest(trial, w.spec)
-        pipeline = resolve(w.spec, values)
-        key = config_key(w.ws, pipeline)
-        trial.set_user_attr("config_key", key)
-        trial.set_user_attr("pipeline", pipeline)
-        trial.set_user_attr("stages", describe(pipeline))
         earlier = earlier_trials(trial.study)
         if failure := failed_before(earlier, key):
             number, error = failure
@@ -245,16 +268,22 @@ def run_trial(w: Worker, trial: optuna.Trial) -> list[float]:
         metrics = with_ratios(measured, w.base)
         seconds = time.perf_counter() - start
         attrs = {**metrics, "measured": measured, "cached_from": source, "seconds": seconds}
+        try:
+            result, invalid = objective_values(w.spec, metrics), None
+        except FloatingPointError as exc:  # NaN: the trial fails, and nothing is cached
+            result, invalid = [], exc
+        if source is None and invalid is None:
+            store_result(key, measured)
         for k, v in attrs.items():
             trial.set_user_attr(k, jsonable(v))
-        result = objective_values(w.spec, metrics)  # raises on NaN: the trial fails
-        if source is None:
-            store_result(key, measured)
-    except optuna.TrialPruned:
+        if invalid is not None:
+            raise invalid
+    except (optuna.TrialPruned, UpdateFinishedTrialError):
         raise
     except KeyboardInterrupt:
-        trial.set_user_attr("error", "interrupted")
-        trial.set_user_attr("interrupted", True)
+        with contextlib.suppress(UpdateFinishedTrialError):
+            trial.set_user_attr("error", "interrupted")
+            trial.set_user_attr("interrupted", True)
         raise
     except Exception as exc:
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")

@@ -28,7 +28,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from compress.cache import stable_hash
 from compress.errors import CompressError
-from compress.recipe import Recipe
 from compress.storage import mask_url
 from compress.sweep.progress import Echo
 from compress.sweep.space import ParamSpec, SweepSpec
@@ -37,7 +36,8 @@ STUDY_ATTR = "compress"  # study user attr: recipe, baseline key, space hash, ob
 READY_ATTR = "compress_ready"  # set once trial 0 and the seeds are in
 INIT_ATTR = "compress_init_started"
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # importing them loads torch, which opening a study does not need
+    from compress.recipe import Recipe
     from compress.workbench import Workspace
 
 

@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -15,6 +16,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, TINY_RECIPE
+
+POSTGRES_ENV = "COMPRESS_TEST_POSTGRES_URL"
 
 SWEEP: dict = {
     "trials": 8,
@@ -116,6 +119,42 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 def sweep_file(tmp_path: Path, tiny_workspace) -> Path:
     """A recipe file for the tiny sweep (the tiny baseline is trained once per session)."""
     return write_recipe(tmp_path / "tiny-sweep.yaml", sweep_recipe())
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the server, so that the workers also race to create Optuna's
+    tables; the given database itself when creating one is not allowed."""
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"set {POSTGRES_ENV} to a PostgreSQL URL to run the distributed-sweep test")
+    import sqlalchemy as sa
+
+    base = sa.engine.make_url(url)
+    name = f"compress_test_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(
+        base, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
+    )
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        reason = " ".join(str(exc.orig).split())
+        pytest.skip(f"{POSTGRES_ENV}: no PostgreSQL answers at {base!r}: {reason}")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.ProgrammingError:  # not allowed to create databases: use the given one
+        admin.dispose()
+        yield url
+        return
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture(autouse=True)

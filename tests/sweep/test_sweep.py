@@ -314,19 +314,28 @@ def test_a_worker_that_crashes_fails_the_run_not_thesweep_study(
         False,
     )
     assert runner.worker_main(args) == 1
-    out = capsys.readouterr().out
-    assert "worker 1: failed: RuntimeError: storage went away" in out and "Traceback" not in out
+    err = capsys.readouterr().err
+    assert "worker 1: failed: RuntimeError: storage went away" in err and "Traceback" not in err
 
-    # ... and the run exits 1 and names it, with the others' trials reported
+    # ... and the run exits 1 and names it with its last error line, with the others' trials
+    # reported
     monkeypatch.setattr(runner, "run_worker", REAL_RUN_WORKER)
-    monkeypatch.setattr(driver, "spawn_workers", lambda args, echo: [0, 1])
+    ended = [
+        runner.WorkerExit(0, 101, 0),
+        runner.WorkerExit(1, 102, 1, "worker 1: failed: RuntimeError: storage went away"),
+    ]
+    monkeypatch.setattr(driver, "spawn_workers", lambda args, echo, on_exit: ended)
     out_dir = tmp_path / "report"
     code = run_mod.main(
         [str(sweep_file), "--report-dir", str(out_dir), "--no-progress", "--workers", "2"]
     )
     assert code == 1
     err = capsys.readouterr().err
-    assert "error: worker 1 (exit 1) stopped with an error" in err and "Traceback" not in err
+    assert (
+        "error: worker 1 (pid 102) exited with code 1; its last error output: "
+        "worker 1: failed: RuntimeError: storage went away"
+    ) in err
+    assert "Traceback" not in err and "message is above" not in err
     assert (out_dir / "report.html").is_file()
     assert sweep_study(out_dir).get_trials()[0].state == TrialState.COMPLETE  # the baseline
 

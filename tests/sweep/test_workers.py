@@ -13,11 +13,9 @@ import signal
 import socket
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
-import pytest
 from optuna.trial import TrialState
 
 from tests.sweep.conftest import (
@@ -29,7 +27,6 @@ from tests.sweep.conftest import (
     write_recipe,
 )
 
-POSTGRES_ENV = "COMPRESS_TEST_POSTGRES_URL"
 LINE = re.compile(r"^\[\d+/\d+\] trial (\d+) \(([^)]+)\)", re.M)
 
 
@@ -64,42 +61,6 @@ def test_local_workers_share_one_sqlite_study(tmp_path: Path, tiny_workspace) ->
     assert proc.returncode == 0, text
     assert "starting 2 workers" in text
     _check_study(sweep_study(out), [text], budget=10, workers=2)
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh database on the server, so that the workers also race to create Optuna's
-    tables; the given database itself when creating one is not allowed."""
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        pytest.skip(f"set {POSTGRES_ENV} to a PostgreSQL URL to run the distributed-sweep test")
-    import sqlalchemy as sa
-
-    base = sa.engine.make_url(url)
-    name = f"compress_test_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(
-        base, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
-    )
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        reason = " ".join(str(exc.orig).split())
-        pytest.skip(f"{POSTGRES_ENV}: no PostgreSQL answers at {base!r}: {reason}")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.ProgrammingError:  # not allowed to create databases: use the given one
-        admin.dispose()
-        yield url
-        return
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def test_machines_join_one_postgres_study(
