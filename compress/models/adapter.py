@@ -140,6 +140,12 @@ class ModelAdapter:
         companion files (an HF ``config.json``) into ``path``."""
         raise NotImplementedError
 
+    def transformers_export(self, model: nn.Module, path: Path) -> dict | None:
+        """For a Hugging Face model: whether ``AutoModelForCausalLM.from_pretrained`` can load
+        the saved folder ``path`` (adding what it needs to its ``config.json``), and if not
+        why; the manifest's ``transformers`` entry. None for models of no transformers family."""
+        return None
+
     def skeleton(self, arch: dict, path: Path) -> nn.Module:
         """An empty model (CPU, weights not initialised) of the saved architecture."""
         raise NotImplementedError

@@ -280,6 +280,14 @@ class HFAdapter(ModelAdapter):
             "trust_remote_code": bool(getattr(model.config, "auto_map", None)),
         }
 
+    def transformers_export(self, model: nn.Module, path: Path) -> dict | None:
+        from compress.models.hf_export import export_status, write_quantization_config
+
+        status = export_status(model, PREFIX)
+        if "quantization_config" in status:
+            write_quantization_config(path, status["quantization_config"])
+        return status
+
     def skeleton(self, arch: dict, path: Path) -> nn.Module:
         transformers = import_transformers()
         from transformers.initialization import no_init_weights
@@ -288,6 +296,9 @@ class HFAdapter(ModelAdapter):
         config = transformers.AutoConfig.from_pretrained(
             str(path), local_files_only=True, trust_remote_code=trust
         )
+        # The float skeleton; compress.variant swaps in the quantized layers the manifest lists.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
         with no_init_weights():
             hf = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
         lead = f"{PREFIX}."
