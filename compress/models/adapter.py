@@ -124,6 +124,11 @@ class ModelAdapter:
         """Make the model's config describe its (structurally pruned) widths again."""
         raise LayoutError(f"{self.describe(model)}: cannot describe a pruned model of this family")
 
+    def structured_refusal(self, model: nn.Module, part: str) -> str | None:
+        """Why structured pruning cannot narrow ``part`` (``"heads"``, ``"mlp"`` or
+        ``"residual"``) in this family, so that the result still loads; None when it can."""
+        return None
+
     def student(self, model: nn.Module, sizes: dict[str, int], seed: int) -> nn.Module:
         raise LayoutError(
             f"{self.describe(model)}: cannot build a smaller student of this family; "
