@@ -3,7 +3,10 @@
 A saved variant is a folder with ``model.safetensors`` (every tensor of the state dict, tied
 weights once; quantized layers as their packed codes and scales; torch's dynamically quantized
 layers and compress's packed int4/int8 layers as plain codes, scales, zero points and bias) and
-``variant.json`` (the model config and, for each converted module, how it was quantized).
+``variant.json`` (the model config and, for each converted module, how it was quantized). A
+Hugging Face model that transformers cannot load (torch dynamic int8, packed rtn layers) keeps
+its weights in ``compress.safetensors`` instead, so that ``from_pretrained`` refuses the folder
+rather than reading int8 codes into float layers.
 Loading rebuilds the architecture from the config, swaps in empty quantized shells and fills
 them from the file: nothing is unpickled and no code is executed.
 """
@@ -30,6 +33,7 @@ from compress.models.adapter import adapter_by_family, adapter_for
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 WEIGHTS = "model.safetensors"
+OPAQUE_WEIGHTS = "compress.safetensors"  # an HF variant transformers cannot load (see save)
 MANIFEST = "variant.json"
 BNB_KINDS = ("int8", "nf4", "fp4")  # manifest kinds stored as bitsandbytes layers
 
@@ -74,19 +78,29 @@ def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_variant(model: nn.Module, path: Path, extra: dict | None = None) -> Path:
     """Write ``model`` to the folder ``path``: weights (safetensors) and the manifest. An HF
-    model's folder is also a Hugging Face directory (``config.json``, ``model.safetensors``)."""
+    model's folder is also a Hugging Face directory (``config.json``, ``model.safetensors``);
+    the manifest's ``transformers`` entry says whether ``from_pretrained`` can load it (see
+    :mod:`compress.models.hf_export`)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = _unique_state_dict(model)
     quantized = quantized_modules(model)
-    arch = adapter_for(model).architecture(model, path, tensors)
+    adapter = adapter_for(model)
+    arch = adapter.architecture(model, path, tensors)
     manifest = {
         "format_version": FORMAT_VERSION,
         "architecture": arch,
         "quantized": quantized,
         "extra": extra or {},
     }
-    save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
+    weights = WEIGHTS
+    if (hf := adapter.transformers_export(model, path)) is not None:
+        manifest["transformers"] = hf
+        if not hf["from_pretrained"]:
+            # from_pretrained would load these codes into float layers with a mere warning:
+            # under another name, it refuses the folder instead.
+            weights = manifest["weights"] = OPAQUE_WEIGHTS
+    save_file(tensors, str(path / weights), metadata={"format": "pt"})
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return path
 
@@ -166,7 +180,8 @@ def load_variant(path: Path | str) -> nn.Module:
         raise CompressError(f"{path / MANIFEST}: {exc}") from None
     adapter = adapter_by_family(arch["family"])
     model = adapter.skeleton(arch, path)
-    tensors = adapter.load_tensors(arch, load_file(str(path / WEIGHTS)))
+    weights = path / manifest.get("weights", WEIGHTS)
+    tensors = adapter.load_tensors(arch, load_file(str(weights)))
     # Quantized layers first: they take their tensors out of ``tensors``. Layers packed for a
     # kernel (torch's dynamic int8, compress's packed int4/int8) go in after
     # ``load_state_dict``, which cannot fill them: they are repacked from their plain tensors.
@@ -194,7 +209,7 @@ def load_variant(path: Path | str) -> nn.Module:
     missing = [k for k in result.missing_keys if not k.startswith(filled) and k not in tied]
     if missing or result.unexpected_keys:
         raise CompressError(
-            f"{path / WEIGHTS}: does not match its manifest: missing {missing[:5]}, "
+            f"{weights}: does not match its manifest: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
     return model.eval()

@@ -17,7 +17,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from compress.compressors.base import StageConfig, StageContext, StageReport, register
-from compress.compressors.targets import select_modules
+from compress.compressors.targets import nothing_selected, select_modules
 
 
 class PruneConfig(StageConfig):
@@ -50,6 +50,8 @@ def apply_prune(
 ) -> tuple[nn.Module, StageReport]:
     """Unstructured magnitude pruning to an exact sparsity, per layer or global."""
     sel = select_modules(model, (nn.Linear,), cfg.targets, cfg.ignore, stage="prune")
+    if not sel.selected:
+        raise nothing_selected("prune", sel.skipped)
     report = StageReport(stage="prune", config=cfg.model_dump(), skipped=sel.skipped)
     weights = [m.weight for _, m in sel.selected]
     before = [int((w == 0).sum()) for w in weights]

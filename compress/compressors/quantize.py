@@ -18,7 +18,7 @@ from pydantic import Field
 
 from compress._bnb import import_bnb
 from compress.compressors.base import StageConfig, StageContext, StageReport, register
-from compress.compressors.targets import select_modules, set_module
+from compress.compressors.targets import nothing_selected, select_modules, set_module
 from compress.evaluate.memory import module_weight_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,7 +111,8 @@ def convert_linears(
     """Replace each selected linear layer by ``make(layer)`` and account for it in ``report``.
 
     Shared by every weight quantizer: a layer whose weight is no longer floating point (already
-    quantized by an earlier stage) is skipped with its reason; touched layers are listed with
+    quantized by an earlier stage) is skipped with its reason; converting no layer at all is
+    an error (:func:`nothing_selected`), never an empty "ok" stage; touched layers are listed with
     their bytes before and after, and ``extra["bits_per_weight"]`` gives the bits per weight of
     the converted matrices, codes plus scales/absmax/maps, biases excluded.
     """
@@ -140,8 +141,9 @@ def convert_linears(
         report.touched_bytes_after += after
         weights += lin.out_features * lin.in_features
         bias_bytes += lin.bias.nbytes if lin.bias is not None else 0  # stays fp32 when converted
-    if weights:
-        report.extra["bits_per_weight"] = 8 * (report.touched_bytes_after - bias_bytes) / weights
+    if not report.touched:
+        raise nothing_selected(report.stage, report.skipped)
+    report.extra["bits_per_weight"] = 8 * (report.touched_bytes_after - bias_bytes) / weights
 
 
 def _convert(

@@ -51,9 +51,15 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from compress.compressors.base import StageConfig, StageContext, StageReport, register
+from compress.compressors.structured_layout import (
+    HeadPlan,
+    check_layers,
+    plan_heads,
+    prune_by_layout,
+)
 from compress.errors import CompressError
 from compress.evaluate.memory import stored_tensors
-from compress.models.adapter import adapter_for
+from compress.models.adapter import ModelAdapter, ModelLayout, adapter_for
 from compress.models.gpt import GPT
 
 log = logging.getLogger(__name__)
@@ -188,10 +194,10 @@ def _check_model(model: nn.Module) -> GPT:
     return model
 
 
-def _accumulate_gradients(model: GPT, cfg: StructuredConfig, ctx: StageContext) -> None:
+def _accumulate_gradients(model: nn.Module, cfg: StructuredConfig, ctx: StageContext) -> None:
     """Sum gradients of next-token cross-entropy over seeded random windows of the train split."""
     ids = ctx.tokens.get("train")
-    seq = min(CALIBRATION_SEQ_LEN, model.config.block_size)
+    seq = min(CALIBRATION_SEQ_LEN, adapter_for(model).max_seq_len(model) or CALIBRATION_SEQ_LEN)
     if ids is None or ids.numel() < seq + 2:
         have = "no train split" if ids is None else f"{ids.numel()} train tokens"
         raise CompressError(
@@ -449,6 +455,10 @@ def apply_structured(
     model: nn.Module, cfg: StructuredConfig, ctx: StageContext
 ) -> tuple[nn.Module, StageReport]:
     """Structured pruning (torch-pruning): removes whole heads, MLP and residual channels."""
+    adapter = adapter_for(model)
+    layout = adapter.layout(model)  # a family without a known layout says so here
+    if not isinstance(model, GPT):
+        return _apply_by_layout(model, cfg, ctx, adapter, layout)
     model = _check_model(model)
     gcfg = model.config
     heads, mlp = target_widths(gcfg.n_head, gcfg.mlp_hidden, cfg)
@@ -563,5 +573,156 @@ def apply_structured(
         gcfg.n_layer,
         gcfg.n_embd,
         n_embd,
+    )
+    return model, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Every other family: the layout-driven pruner (compress.compressors.structured_layout)
+
+
+def _refuse_unsupported(model: nn.Module, cfg: StructuredConfig, adapter: ModelAdapter) -> None:
+    asked = {
+        "prune_heads": ("heads", cfg.prune_heads and cfg.ratio > 0),
+        "prune_mlp": ("mlp", cfg.prune_mlp and cfg.ratio > 0),
+        "residual_ratio": ("residual", cfg.residual_ratio > 0),
+    }
+    for key, (part, wanted) in asked.items():
+        if wanted and (why := adapter.structured_refusal(model, part)):
+            raise CompressError(f"structured.{key}: {why}")
+
+
+def _layout_widths(model: nn.Module, layout: ModelLayout) -> list[tuple[int, int, int, int]]:
+    """Per block, from the modules themselves: (query heads, kv heads, MLP width, hidden)."""
+    out = []
+    for b in layout.blocks:
+        hd = b.head_dim
+        if b.qkv:
+            rows = model.get_submodule(b.qkv).out_features
+            o_in = model.get_submodule(b.o).in_features
+            q, kv = o_in // hd, (rows - o_in) // (2 * hd)
+        else:
+            q = model.get_submodule(b.q).out_features // hd
+            kv = model.get_submodule(b.k).out_features // hd
+        mlp = model.get_submodule(b.mlp_down).in_features
+        out.append((q, kv, mlp, model.get_submodule(b.o).out_features))
+    return out
+
+
+def _apply_by_layout(
+    model: nn.Module,
+    cfg: StructuredConfig,
+    ctx: StageContext,
+    adapter: ModelAdapter,
+    layout: ModelLayout,
+) -> tuple[nn.Module, StageReport]:
+    """Heads (grouped-query consistent) and MLP channels of a family described by its layout."""
+    _refuse_unsupported(model, cfg, adapter)
+    check_layers(model, layout)
+    first = layout.blocks[0]
+    widths = {(b.n_heads, b.n_kv_heads, b.mlp_hidden) for b in layout.blocks}
+    if len(widths) > 1:
+        raise CompressError(f"structured: the blocks differ in width {sorted(widths)}")
+    heads: HeadPlan | None = None
+    if cfg.prune_heads and cfg.ratio > 0:
+        heads = plan_heads(first, cfg.ratio)
+        heads = heads if heads.q < first.n_heads else None
+    mlp: int | None = None
+    if cfg.prune_mlp and cfg.ratio > 0:
+        mlp = _round_to_multiple(first.mlp_hidden, cfg.ratio)
+        mlp = mlp if mlp < first.mlp_hidden else None
+    if heads is None and mlp is None:
+        raise CompressError(
+            f"structured.ratio: {cfg.ratio} removes no whole head group (of {first.n_heads} heads, "
+            f"{first.n_kv_heads} key/value heads) and no MLP channels (of {first.mlp_hidden}) "
+            "once rounded; use a larger ratio"
+        )
+    if cfg.importance == "taylor" and any(p.is_inference() for p in model.parameters()):
+        raise CompressError(
+            "structured: the model's weights are inference tensors (made under "
+            "torch.inference_mode), which autograd cannot trace; build or copy it outside"
+        )
+    report = StageReport(stage="structured", config=cfg.model_dump())
+    leaves_before = _weighted_leaves(model)
+    shapes_before = _leaf_shapes(model)
+    storage_before = {name: _storage_keys(m) for name, m in leaves_before.items()}
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+        torch.manual_seed(ctx.seed)
+        model.eval()
+        try:
+            if cfg.importance == "taylor":
+                for p in model.parameters():
+                    p.requires_grad_(p.is_floating_point())
+                _accumulate_gradients(model, cfg, ctx)
+            with torch.no_grad():
+                prune_by_layout(model, layout, heads, mlp, cfg.importance, ctx.seed)
+        finally:
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad.get(name, p.requires_grad))
+                p.grad = None
+    adapter.sync_config(model)
+
+    after = adapter.layout(model)
+    want_q = heads.q if heads else first.n_heads
+    want_kv = heads.kv if heads else first.n_kv_heads
+    want_mlp = mlp if mlp is not None else first.mlp_hidden
+    want = (want_q, want_kv, want_mlp, layout.hidden)
+    got = _layout_widths(model, after)
+    described = [(b.n_heads, b.n_kv_heads, b.mlp_hidden, after.hidden) for b in after.blocks]
+    if any(g != want for g in got) or any(d != want for d in described):
+        raise CompressError(
+            "structured: the pruned widths (query heads, kv heads, MLP, hidden) are not "
+            f"{want} in every block: modules {got}, config {described}"
+        )
+
+    shapes_after = _leaf_shapes(model)
+    touched_before, touched_after = [], []
+    for name, before in shapes_before.items():
+        if shapes_after.get(name) == before:
+            continue
+        report.touched.append({"module": name, "from": before, "to": shapes_after[name]})
+        touched_before.append(storage_before[name])
+        touched_after.append(_storage_keys(model.get_submodule(name)))
+    report.touched_bytes_before = _distinct_bytes(touched_before)
+    report.touched_bytes_after = _distinct_bytes(touched_after)
+    touched = {t["module"] for t in report.touched}
+    attention = {n for b in layout.blocks for n in (*b.attn_inputs, b.o)}
+    mlp_layers = {n for b in layout.blocks for n in (*b.mlp_inputs, b.mlp_down)}
+    for name in leaves_before:
+        if name in touched:
+            continue
+        if name in attention:
+            why = "prune_heads is false" if not cfg.prune_heads else "ratio removes no head group"
+            reason = f"{why} ({first.n_heads} heads, {first.n_kv_heads} key/value heads)"
+        elif name in mlp_layers:
+            why = "prune_mlp is false" if not cfg.prune_mlp else "ratio removes no MLP channels"
+            reason = f"{why} ({first.mlp_hidden} channels)"
+        else:
+            reason = f"keeps the residual width {layout.hidden} (residual_ratio is 0)"
+        report.skipped.append({"module": name, "reason": reason})
+    report.extra = {
+        "heads_before": first.n_heads,
+        "heads_after": want_q,
+        "kv_heads_before": first.n_kv_heads,
+        "kv_heads_after": want_kv,
+        "head_unit": heads.unit if heads else None,
+        "mlp_hidden_before": first.mlp_hidden,
+        "mlp_hidden_after": want_mlp,
+        "n_embd_before": layout.hidden,
+        "n_embd_after": layout.hidden,
+        "importance": cfg.importance,
+    }
+    log.info(
+        "structured (%s, %s): heads %d -> %d (kv %d -> %d), mlp %d -> %d in each of %d blocks",
+        layout.family,
+        cfg.importance,
+        first.n_heads,
+        want_q,
+        first.n_kv_heads,
+        want_kv,
+        first.mlp_hidden,
+        want_mlp,
+        len(layout.blocks),
     )
     return model, report

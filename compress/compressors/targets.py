@@ -92,6 +92,20 @@ def select_modules(
     return out
 
 
+def nothing_selected(stage: str, skipped: list[dict]) -> CompressError:
+    """The error of a stage that would convert no layer: one line, with the reasons counted
+    (e.g. ``int8: converts no layer (every candidate was skipped: 6x Linear8bitLt weight is
+    torch.int8, already quantized; 1x ignored by selector 'lm_head')``)."""
+    counts: dict[str, int] = {}
+    for s in skipped:
+        counts[s["reason"]] = counts.get(s["reason"], 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])
+    reasons = "; ".join(f"{n}x {r}" for r, n in top[:4])
+    more = f"; {len(top) - 4} more reasons" if len(top) > 4 else ""
+    why = f"every candidate was skipped: {reasons}{more}" if skipped else "the model has no layers"
+    return CompressError(f"{stage}: converts no layer ({why}); check targets/ignore")
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at dotted path ``name``."""
     parent_name, _, child = name.rpartition(".")

@@ -124,6 +124,11 @@ class ModelAdapter:
         """Make the model's config describe its (structurally pruned) widths again."""
         raise LayoutError(f"{self.describe(model)}: cannot describe a pruned model of this family")
 
+    def structured_refusal(self, model: nn.Module, part: str) -> str | None:
+        """Why structured pruning cannot narrow ``part`` (``"heads"``, ``"mlp"`` or
+        ``"residual"``) in this family, so that the result still loads; None when it can."""
+        return None
+
     def student(self, model: nn.Module, sizes: dict[str, int], seed: int) -> nn.Module:
         raise LayoutError(
             f"{self.describe(model)}: cannot build a smaller student of this family; "
@@ -139,6 +144,12 @@ class ModelAdapter:
         """The manifest's ``architecture`` entry; may rename ``tensors`` in place and write
         companion files (an HF ``config.json``) into ``path``."""
         raise NotImplementedError
+
+    def transformers_export(self, model: nn.Module, path: Path) -> dict | None:
+        """For a Hugging Face model: whether ``AutoModelForCausalLM.from_pretrained`` can load
+        the saved folder ``path`` (adding what it needs to its ``config.json``), and if not
+        why; the manifest's ``transformers`` entry. None for models of no transformers family."""
+        return None
 
     def skeleton(self, arch: dict, path: Path) -> nn.Module:
         """An empty model (CPU, weights not initialised) of the saved architecture."""

@@ -246,6 +246,14 @@ class HFAdapter(ModelAdapter):
     def student_fields(self) -> tuple[str, ...]:
         return self.student_keys
 
+    def structured_refusal(self, model: nn.Module, part: str) -> str | None:
+        if part == "residual":
+            return (
+                f"{model.config.model_type}: residual (hidden size) pruning is not supported for "
+                "Hugging Face models; prune heads and MLP channels (ratio) instead"
+            )
+        return None
+
     def student(self, model: nn.Module, sizes: dict[str, int], seed: int) -> nn.Module:
         if not self.student_keys:
             return super().student(model, sizes, seed)
@@ -280,6 +288,14 @@ class HFAdapter(ModelAdapter):
             "trust_remote_code": bool(getattr(model.config, "auto_map", None)),
         }
 
+    def transformers_export(self, model: nn.Module, path: Path) -> dict | None:
+        from compress.models.hf_export import export_status, write_quantization_config
+
+        status = export_status(model, PREFIX)
+        if "quantization_config" in status:
+            write_quantization_config(path, status["quantization_config"])
+        return status
+
     def skeleton(self, arch: dict, path: Path) -> nn.Module:
         transformers = import_transformers()
         from transformers.initialization import no_init_weights
@@ -288,6 +304,9 @@ class HFAdapter(ModelAdapter):
         config = transformers.AutoConfig.from_pretrained(
             str(path), local_files_only=True, trust_remote_code=trust
         )
+        # The float skeleton; compress.variant swaps in the quantized layers the manifest lists.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
         with no_init_weights():
             hf = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
         lead = f"{PREFIX}."
@@ -367,6 +386,16 @@ class GPT2Adapter(HFAdapter):
             norm="layernorm",
         )
 
+    def structured_refusal(self, model: nn.Module, part: str) -> str | None:
+        if part == "heads":
+            return (
+                f"{model.config.model_type}: its config derives the head width from the hidden "
+                "size (head_dim = hidden / heads), so fewer heads of the same width cannot be "
+                "described and the pruned model would not reload; set prune_heads: false to "
+                "prune MLP channels only"
+            )
+        return super().structured_refusal(model, part)
+
     def sync_config(self, model: nn.Module) -> None:
         block = model.hf.transformer.h[0]
         model.config.n_inner = block.mlp.c_fc.out_features
@@ -424,6 +453,16 @@ class OPTAdapter(HFAdapter):
             tied=model.hf.lm_head.weight is dec.embed_tokens.weight,
             norm="layernorm",
         )
+
+    def structured_refusal(self, model: nn.Module, part: str) -> str | None:
+        if part == "heads":
+            return (
+                f"{model.config.model_type}: its config derives the head width from the hidden "
+                "size (head_dim = hidden / heads), so fewer heads of the same width cannot be "
+                "described and the pruned model would not reload; set prune_heads: false to "
+                "prune MLP channels only"
+            )
+        return super().structured_refusal(model, part)
 
     def sync_config(self, model: nn.Module) -> None:
         layer = model.hf.model.decoder.layers[0]

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from compress.compressors import REGISTRY, StageContext, run_stage
 from compress.compressors.dynamic_int8 import linear_from_tensors, quantize_weight
+from compress.errors import CompressError
 from compress.evaluate.memory import (
     count_zeros,
     is_packed_linear,
@@ -151,15 +152,17 @@ def test_skips_are_reported_with_reasons(base, converted) -> None:
     assert reasons["lm_head"] == "weight tied to tok_emb"
 
 
-def test_already_quantized_layers_are_skipped(base) -> None:
+def test_converting_only_already_quantized_layers_is_an_error(base) -> None:
     ws, _, _ = base
     model, _ = run_stage(
         "int8", copy.deepcopy(ws.baseline), REGISTRY["int8"].config_cls(), StageContext()
     )
-    _, report = _apply(model, targets=["blocks.0.attn.q_proj"])
-    assert not report.touched
-    reasons = {s["module"]: s["reason"] for s in report.skipped}
-    assert reasons["blocks.0.attn.q_proj"] == "Linear8bitLt weight is torch.int8, already quantized"
+    with pytest.raises(
+        CompressError,
+        match=r"^dynamic-int8: converts no layer \(every candidate was skipped: .*1x Linear8bitLt "
+        r"weight is torch.int8, already quantized",
+    ):
+        _apply(model, targets=["blocks.0.attn.q_proj"])
 
 
 def test_saves_as_plain_tensors_and_reloads_identically(base, converted, tmp_path) -> None:

@@ -149,11 +149,29 @@ def test_quantizing_a_plain_module_tree() -> None:
     assert report.params_after == report.params_before
 
 
-def test_quantizing_twice_skips_the_already_quantized_layers(base) -> None:
+def test_quantizing_twice_is_an_error_that_says_why(base) -> None:
     ws, _, _ = base
     model, _ = _apply(ws, "int8")
-    again, report = run_stage("nf4", model, REGISTRY["nf4"].config_cls(), StageContext())
-    assert not report.touched
-    reasons = {s["module"]: s["reason"] for s in report.skipped}
-    assert reasons["blocks.0.mlp.fc_in"] == "Linear8bitLt weight is torch.int8, already quantized"
-    assert type(again.blocks[0].mlp.fc_in).__name__ == "Linear8bitLt"
+    n = 6 * ws.baseline.config.n_layer
+    with pytest.raises(
+        CompressError,
+        match=rf"^nf4: converts no layer \(every candidate was skipped: {n}x Linear8bitLt weight "
+        r"is torch.int8, already quantized; .*\); check targets/ignore$",
+    ):
+        run_stage("nf4", model, REGISTRY["nf4"].config_cls(), StageContext())
+    assert type(model.blocks[0].mlp.fc_in).__name__ == "Linear8bitLt"
+
+
+@pytest.mark.parametrize("stage", ["prune", "int8", "nf4", "dynamic-int8", "rtn"])
+def test_targets_that_leave_nothing_to_convert_are_an_error(base, stage) -> None:
+    ws, _, _ = base
+    cfg = REGISTRY[stage].config_cls(targets=["q_proj"], ignore=["q_proj"])
+    before = {k: v.clone() for k, v in ws.baseline.state_dict().items()}
+    model = copy.deepcopy(ws.baseline)
+    with pytest.raises(
+        CompressError,
+        match=rf"^{stage}: converts no layer \(every candidate was skipped: .*"
+        rf"{ws.baseline.config.n_layer}x ignored by selector 'q_proj'",
+    ):
+        run_stage(stage, model, cfg, StageContext())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
