@@ -388,3 +388,7 @@ def analysis(built: dict, run: dict, rows: dict[str, dict]) -> list[str]:
             "fp32 weights."
         )
     return out
+
+
+if __name__ == "__main__":
+    main()
