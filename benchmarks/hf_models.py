@@ -106,7 +106,7 @@ def recipe(family: str, model_dir: Path) -> dict:
         "data": data_spec(),
         "eval": {
             "perplexity": {"split": "test", "seq_len": 128, "batch_size": 8, "max_tokens": 32768},
-            "latency": {"batch_size": 4, "seq_len": 128, "threads": 2, "warmup": 3, "repeats": 15},
+            "latency": {"batch_size": 4, "seq_len": 128, "threads": 1, "warmup": 3, "repeats": 15},
         },
         "variants": [
             {"name": "int8", "pipeline": [{"int8": {}}]},
@@ -132,7 +132,8 @@ def run(family: str, model_dir: Path, work: Path) -> dict:
     path.write_text(yaml.safe_dump(recipe(family, model_dir), sort_keys=False))
     out = work / "reports" / family
     cmd = [sys.executable, "-m", "compress.run", str(path), "--report-dir", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # One thread throughout (see build_models); the latency settings say so too.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(
         [*cmd, "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True
@@ -194,8 +195,9 @@ def write_results(out: Path, runs: dict[str, dict], train_s: dict, steps: int) -
         f"`from_config`, trained {steps} steps on the WikiText-2 validation text with a "
         f"byte-level BPE tokenizer of {VOCAB} tokens, saved with `save_pretrained` and run "
         "through `python -m compress.run` on the CPU. Perplexity: the first 32768 tokens of the "
-        "WikiText-2 test text, windows of 128. Latency: one forward pass at batch 4 x 128, 2 "
-        "threads, each variant timed in 15 rounds alternating with the baseline; `ms` is the "
+        "WikiText-2 test text, windows of 128. Latency: one forward pass at batch 4 x 128, "
+        "1 thread (everything in these runs uses one), each variant timed in 15 rounds "
+        "alternating with the baseline; `ms` is the "
         "variant's median and interquartile range, `x` the ratio of the medians in that paired "
         "measurement. Models this small and this briefly trained cannot rank the methods "
         "(see the README's notes); the table shows that every stage runs on every family and "
