@@ -105,35 +105,43 @@ def _status_kb(path: Path, key: str) -> int:
     return 0
 
 
-def recipe(model_dir: Path, variant: str, stage: dict) -> dict:
+def recipe(model_dir: Path, variants: list[str]) -> dict:
     wiki = data_dir()
     valid, test = str(wiki / "wiki.valid.tokens"), str(wiki / "wiki.test.tokens")
     return {
-        "name": f"scale-{variant}",
+        "name": "scale",
         "device": "cpu",
         "model": {"hf": str(model_dir)},
         "data": {"corpus": "files", "files": {"train": [valid], "valid": [valid], "test": [test]}},
         "eval": {
-            "perplexity": {"split": "test", "seq_len": 64, "batch_size": 4, "max_tokens": 512},
+            "perplexity": {"split": "test", "seq_len": 64, "batch_size": 4, "max_tokens": 256},
             "latency": {"batch_size": 1, "seq_len": 64, "threads": 2, "warmup": 1, "repeats": 3},
         },
-        "variants": [{"name": variant, "pipeline": [stage]}],
+        "variants": [{"name": v, "pipeline": [STAGES[v]]} for v in variants],
     }
 
 
 STAGES = {"int8": {"int8": {}}, "nf4": {"nf4": {}}, "dynamic-int8": {"dynamic-int8": {}}}
-PHASE = re.compile(r"variant (\S+): (building and measuring|built|perplexity, size and peak RSS)")
+PHASES = {
+    "building and measuring": "build",  # copy of the baseline through the stages
+    "built": "measure",  # perplexity, save, peak-RSS child
+    "perplexity, size and peak RSS measured": "latency",  # timed paired with the baseline
+}
+PHASE = re.compile(r"variant (\S+): (" + "|".join(PHASES) + ")")
 
 
 def follow(cmd: list[str], env: dict) -> dict:
-    """Run ``cmd``; its peak RSS (VmHWM, polled) and its RSS at each phase log line."""
+    """Run ``cmd``; its peak RSS (VmHWM), and per phase of each variant (from its log lines)
+    the RSS when the phase began and the highest RSS seen while it ran (polled every 0.1 s)."""
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     status = Path(f"/proc/{proc.pid}/status")
-    phases: list[dict] = []
+    phases: list[dict] = [
+        {"variant": "-", "phase": "setup", "start_rss_bytes": 0, "max_rss_bytes": 0}
+    ]
     err_lines: list[str] = []
-    hwm = [0]
+    lock = threading.Lock()
 
     def read_err() -> None:
         assert proc.stderr is not None
@@ -141,13 +149,25 @@ def follow(cmd: list[str], env: dict) -> dict:
             err_lines.append(line)
             if m := PHASE.search(line):
                 rss = _status_kb(status, "VmRSS") * 1024
-                phases.append({"variant": m.group(1), "phase": m.group(2), "rss_bytes": rss})
+                with lock:
+                    phases.append(
+                        {
+                            "variant": m.group(1),
+                            "phase": PHASES[m.group(2)],
+                            "start_rss_bytes": rss,
+                            "max_rss_bytes": rss,
+                        }
+                    )
 
     reader = threading.Thread(target=read_err, daemon=True)
     reader.start()
+    hwm = 0
     t0 = time.perf_counter()
     while proc.poll() is None:
-        hwm[0] = max(hwm[0], _status_kb(status, "VmHWM") * 1024)
+        hwm = max(hwm, _status_kb(status, "VmHWM") * 1024)
+        rss = _status_kb(status, "VmRSS") * 1024
+        with lock:
+            phases[-1]["max_rss_bytes"] = max(phases[-1]["max_rss_bytes"], rss)
         time.sleep(0.1)
     wall = time.perf_counter() - t0
     reader.join(timeout=5)
@@ -155,7 +175,7 @@ def follow(cmd: list[str], env: dict) -> dict:
     print(stdout, flush=True)
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{cmd}: exit {proc.returncode}\n{''.join(err_lines[-20:])}")
-    return {"wall_s": wall, "run_peak_rss_bytes": hwm[0], "phases": phases, "rc": proc.returncode}
+    return {"wall_s": wall, "run_peak_rss_bytes": hwm, "phases": phases, "rc": proc.returncode}
 
 
 def free_gib() -> float:
@@ -180,8 +200,8 @@ def main() -> None:
             p.error("--rewrite needs --work-dir")
         model_dir = args.work_dir / "tinyllama-shape-random"
         built = json.loads((model_dir / "scale-build.json").read_text())
-        runs = json.loads((args.work_dir / "scale-runs.json").read_text())
-        write_results(args.out, built, runs)
+        run = json.loads((args.work_dir / "scale-run.json").read_text())
+        write_results(args.out, built, run)
         return
     if free_gib() < NEED_FREE_GIB:
         raise SystemExit(f"only {free_gib():.1f} GiB available; this needs {NEED_FREE_GIB} GiB")
@@ -198,31 +218,27 @@ def main() -> None:
             )
             print(f"built {model_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
         built = json.loads((model_dir / "scale-build.json").read_text())
-        runs = {}
-        for variant in args.variants:
-            path = work / f"scale-{variant}.yaml"
-            path.write_text(yaml.safe_dump(recipe(model_dir, variant, STAGES[variant])))
-            out = work / "reports" / variant
-            cmd = [sys.executable, "-m", "compress.run", str(path), "--report-dir", str(out)]
-            print(f"running {variant} ({free_gib():.1f} GiB available)", flush=True)
-            run = follow([*cmd, "--no-progress", "-v"], env)
-            run["rows"] = json.loads((out / "results.json").read_text())["rows"]
-            runs[variant] = run
-            (work / "scale-runs.json").write_text(json.dumps(runs, indent=2))
+        path = work / "scale.yaml"
+        path.write_text(yaml.safe_dump(recipe(model_dir, args.variants), sort_keys=False))
+        out = work / "report"
+        cmd = [sys.executable, "-m", "compress.run", str(path), "--report-dir", str(out)]
+        print(f"running {', '.join(args.variants)} ({free_gib():.1f} GiB available)", flush=True)
+        run = follow([*cmd, "--no-progress", "-v"], env)
+        run["rows"] = json.loads((out / "results.json").read_text())["rows"]
+        (work / "scale-run.json").write_text(json.dumps(run, indent=2))
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    write_results(args.out, built, runs)
+    write_results(args.out, built, run)
 
 
 def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f}"
 
 
-def write_results(out: Path, built: dict, runs: dict[str, dict]) -> None:
-    env = environment()
-    stamp = {"machine": machine(env), "date": today(), "commit": commit()}
-    fp32 = built["weight_bytes"]
+def write_results(out: Path, built: dict, run: dict) -> None:
+    stamp = {"machine": machine(environment()), "date": today(), "commit": commit()}
+    rows = {r["variant"]: r for r in run["rows"]}
     tidy: list[dict] = []
 
     def add(config: str, metric: str, value: float | int | None) -> None:
@@ -232,68 +248,63 @@ def write_results(out: Path, built: dict, runs: dict[str, dict]) -> None:
             )
 
     add("model", "params", built["params"])
-    add("model", "fp32_weight_bytes", fp32)
+    add("model", "fp32_weight_bytes", built["weight_bytes"])
     add("model", "build_peak_rss_bytes", built["peak_rss_bytes"])
-    table = []
-    base_row = None
-    for variant, run in runs.items():
-        rows = {r["variant"]: r for r in run["rows"]}
-        base_row = base_row or rows.get("baseline")
-        r = rows[variant]
-        phase = {(p["variant"], p["phase"]): p["rss_bytes"] for p in run["phases"]}
-        add(variant, "run_wall_s", run["wall_s"])
-        add(variant, "run_peak_rss_bytes", run["run_peak_rss_bytes"])
-        add(variant, "run_rss_before_build_bytes", phase.get((variant, "building and measuring")))
-        add(variant, "run_rss_after_build_bytes", phase.get((variant, "built")))
-        add(variant, "status", 1 if r["status"] == "ok" else 0)
-        for key in (
-            "weight_bytes",
-            "saved_bytes",
-            "peak_rss_bytes",
-            "rss_after_import_bytes",
-            "rss_after_load_bytes",
-            "model_rss_bytes",
-            "perplexity",
-            "latency_ms",
-            "latency_iqr_ms",
-            "latency_ratio",
-        ):
-            add(variant, key, r.get(key))
-        table.append((variant, r, run, phase))
-    if base_row is not None:
-        for key in ("peak_rss_bytes", "rss_after_import_bytes", "rss_after_load_bytes"):
-            add("baseline", key, base_row.get(key))
-        add("baseline", "model_rss_bytes", base_row.get("model_rss_bytes"))
-        add("baseline", "perplexity", base_row.get("perplexity"))
+    add("run", "wall_s", run["wall_s"])
+    add("run", "peak_rss_bytes", run["run_peak_rss_bytes"])
+    for name, r in rows.items():
+        add(name, "ok", int(r["status"] == "ok"))
+        for key in (*CHILD_KEYS, "perplexity", "latency_ms", "latency_iqr_ms", "latency_ratio"):
+            add(name, key, r.get(key))
+    for p in run["phases"]:
+        add(f"{p['variant']}/{p['phase']}", "run_rss_at_start_bytes", p["start_rss_bytes"])
+        add(f"{p['variant']}/{p['phase']}", "run_rss_max_bytes", p["max_rss_bytes"])
     out.mkdir(parents=True, exist_ok=True)
     write_tidy(out / "scale.csv", tidy)
-    (out / "scale.md").write_text(markdown(built, base_row, table, stamp))
+    (out / "scale.md").write_text(markdown(built, run, rows, stamp))
 
 
-def markdown(built: dict, base: dict | None, table: list, stamp: dict) -> str:
+CHILD_KEYS = (
+    "weight_bytes",
+    "saved_bytes",
+    "rss_after_import_bytes",
+    "rss_after_load_bytes",
+    "peak_rss_bytes",
+    "model_rss_bytes",
+)
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / GIB:.2f}"
+
+
+def markdown(built: dict, run: dict, rows: dict[str, dict], stamp: dict) -> str:
     fp32 = built["weight_bytes"]
     lines = [
         "# Scale: a 1.1B-parameter Llama through `python -m compress.run`",
         "",
         f"Written by `python benchmarks/scale.py` on {stamp['date']}, commit {stamp['commit']}, "
-        f"{stamp['machine']}. Model: TinyLlama-1.1B's shape, randomly initialised "
-        f"(`from_config`), {built['params']:,} parameters, fp32 weights {_gib(fp32)} GiB. One "
-        "recipe per variant (baseline + that variant, `device: cpu`, perplexity on 512 test "
-        "tokens of WikiText-2 in windows of 64, latency batch 1 x 64, 3 rounds), run one at a "
-        "time. GiB = 2^30 bytes.",
+        f"{stamp['machine']}. The model has TinyLlama-1.1B's shape, randomly initialised "
+        f"(`from_config`): {built['params']:,} parameters, fp32 weights {_gib(fp32)} GiB "
+        "(GiB = 2^30 bytes). One recipe (`device: cpu`; perplexity on 256 test tokens of "
+        "WikiText-2 in windows of 64; latency batch 1 x 64, 3 rounds) with the baseline and "
+        f"{', '.join(n for n in rows if n != 'baseline')}, run once through "
+        f"`python -m compress.run` in {run['wall_s'] / 60:.0f} minutes on a machine shared with "
+        "other work (so latencies say little here).",
         "",
-        "## Each variant's own process",
+        "## Each variant in its own process",
         "",
-        "A fresh child process imports torch (and bitsandbytes, transformers as needed), loads the "
-        "saved variant and runs one forward pass at the latency shape; `model RSS` is its peak "
-        "minus its size after the imports.",
+        "The run measures every variant's memory in a fresh child process that imports torch "
+        "(and bitsandbytes, transformers where the variant needs them), loads the saved variant "
+        "and runs one forward pass at the latency shape. `model RSS` = peak - RSS after the "
+        "imports; `load overhead` = RSS after load - RSS after import - weight bytes; `forward` = "
+        "peak - RSS after load.",
         "",
         "| variant | weights GiB | weights x fp32 | after import GiB | after load GiB | peak GiB "
         "| model RSS GiB | model RSS x fp32 weights | load overhead GiB | forward GiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = ([("baseline (fp32)", base)] if base else []) + [(v, r) for v, r, _, _ in table]
-    for name, r in rows:
+    for name, r in rows.items():
         if r.get("status") != "ok":
             lines.append(f"| {name} | failed: {r.get('error')} |||||||||")
             continue
@@ -307,35 +318,76 @@ def markdown(built: dict, base: dict | None, table: list, stamp: dict) -> str:
         )
     lines += [
         "",
-        "`load overhead` = RSS after load - RSS after import - weight bytes (what loading kept "
-        "beyond the weights: allocator slack, buffers such as rotary tables, copies); "
-        "`forward` = peak - RSS after load (activations, logits, kernels' scratch buffers, and "
-        "any dequantized copy of a layer's weights a kernel makes).",
+        "## The run's own process",
         "",
-        "## The run's own process (`python -m compress.run`)",
+        "`python -m compress.run` holds the fp32 baseline for the whole run (each variant's "
+        "latency is timed paired with it). For each variant, from the run's log lines: its RSS "
+        "when the phase began and the highest RSS polled (every 0.1 s) while it ran. `build`: "
+        "the baseline copied and taken through the stage; `measure`: perplexity, saving the "
+        "variant, waiting for its child process; `latency`: timed paired with the baseline. "
+        f"The run's peak RSS (VmHWM) was {_gib(run['run_peak_rss_bytes'])} GiB = "
+        f"{run['run_peak_rss_bytes'] / fp32:.2f}x the fp32 weights.",
         "",
-        "It holds the fp32 baseline for the whole run (every variant's latency is timed paired "
-        "with it) and builds the variant beside it.",
-        "",
-        "| recipe | wall s | run peak RSS GiB | x fp32 weights | RSS before building the variant "
-        "GiB | RSS after building it GiB | perplexity | latency ms (IQR) | latency x baseline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | phase | RSS at start GiB | max RSS GiB | max x fp32 weights |",
+        "|---|---|---|---|---|",
     ]
-    for variant, r, run, phase in table:
-        lat = (
-            "-"
-            if r.get("latency_ms") is None
-            else f"{r['latency_ms']:.0f} ({r['latency_iqr_ms']:.0f})"
-        )
+    for p in run["phases"]:
         lines.append(
-            f"| {variant} | {run['wall_s']:.0f} | {_gib(run['run_peak_rss_bytes'])} "
-            f"| {run['run_peak_rss_bytes'] / fp32:.2f} "
-            f"| {_gib(phase.get((variant, 'building and measuring')))} "
-            f"| {_gib(phase.get((variant, 'built')))} "
-            f"| {r.get('perplexity') or '-'} | {lat} | {r.get('latency_ratio') or '-'} |"
+            f"| {p['variant']} | {p['phase']} | {_gib(p['start_rss_bytes'])} "
+            f"| {_gib(p['max_rss_bytes'])} | {p['max_rss_bytes'] / fp32:.2f} |"
         )
-    lines += ["", "## Where the memory goes", "", "ANALYSIS", ""]
-    return "\n".join(lines)
+    lines += ["", "## Where the memory goes", ""] + analysis(built, run, rows)
+    return "\n".join(lines) + "\n"
+
+
+def analysis(built: dict, run: dict, rows: dict[str, dict]) -> list[str]:
+    """The breakdown, each number from the tables above."""
+    fp32 = built["weight_bytes"]
+    base = rows.get("baseline", {})
+    out = []
+    if base.get("status") == "ok":
+        over = base["rss_after_load_bytes"] - base["rss_after_import_bytes"] - base["weight_bytes"]
+        out.append(
+            f"- fp32 baseline, own process: {_gib(base['rss_after_import_bytes'])} GiB of runtime "
+            f"(Python, torch, transformers) before loading; loading adds the weights "
+            f"({_gib(base['weight_bytes'])} GiB) plus {_gib(over)} GiB; one forward pass adds "
+            f"{_gib(base['peak_rss_bytes'] - base['rss_after_load_bytes'])} GiB. Its model RSS "
+            f"is {base['model_rss_bytes'] / fp32:.2f}x its weight bytes."
+        )
+    for name, r in rows.items():
+        if name == "baseline" or r.get("status") != "ok":
+            continue
+        over = r["rss_after_load_bytes"] - r["rss_after_import_bytes"] - r["weight_bytes"]
+        vs = (
+            f", {r['model_rss_bytes'] / base['model_rss_bytes']:.2f}x the baseline's"
+            if base.get("model_rss_bytes")
+            else ""
+        )
+        out.append(
+            f"- {name}, own process: weights {_gib(r['weight_bytes'])} GiB "
+            f"({r['weight_bytes'] / fp32:.3f}x fp32); model RSS {_gib(r['model_rss_bytes'])} GiB "
+            f"= {r['model_rss_bytes'] / fp32:.3f}x the fp32 weights{vs}. Beyond its weights, "
+            f"loading kept {_gib(over)} GiB and the forward pass added "
+            f"{_gib(r['peak_rss_bytes'] - r['rss_after_load_bytes'])} GiB; its runtime after "
+            f"the imports was {_gib(r['rss_after_import_bytes'])} GiB."
+        )
+    builds = [p for p in run["phases"] if p["phase"] == "build" and p["variant"] != "baseline"]
+    for p in builds:
+        grew = p["max_rss_bytes"] - p["start_rss_bytes"]
+        out.append(
+            f"- run process, building {p['variant']}: RSS {_gib(p['start_rss_bytes'])} GiB with "
+            f"the baseline held, at most {_gib(p['max_rss_bytes'])} GiB while building "
+            f"(+{_gib(grew)} GiB = {grew / fp32:.2f}x the fp32 weights: the copy of the baseline "
+            "the stage converts, and the quantizer's per-layer temporaries)."
+        )
+    setup = next((p for p in run["phases"] if p["phase"] == "setup"), None)
+    if setup:
+        out.append(
+            f"- run process, setup (corpus, tokenizer, token ids, loading the baseline): at most "
+            f"{_gib(setup['max_rss_bytes'])} GiB = {setup['max_rss_bytes'] / fp32:.2f}x the "
+            "fp32 weights."
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -8,12 +8,16 @@ import ctypes.util
 import gc
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 1 << 30
+_GLIBC_DEFAULT = 128 * 1024  # glibc's initial mmap and trim thresholds
+_tuned = False
 
 
 def tune_allocator() -> str:
@@ -39,6 +43,8 @@ def tune_allocator() -> str:
         return "system default (no mallopt)"
     if not ok:
         return "system default (mallopt refused)"
+    global _tuned
+    _tuned = True
     return f"glibc mallopt: mmap and trim thresholds {_THRESHOLD >> 20} MiB"
 
 
@@ -58,3 +64,33 @@ def release_memory() -> bool:
         return bool(libc.malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+@contextmanager
+def building_allocator() -> Iterator[None]:
+    """glibc's default thresholds while a model is copied and converted, the tuned ones after.
+
+    Building a variant allocates and frees every layer's weights once or more (the copy, the
+    quantizer's temporaries); with the raised thresholds those large blocks come from the heap,
+    where the smaller quantized tensors fill the holes they leave and the heap grows past the
+    model's size. Below the default mmap threshold each large block is its own mapping, gone
+    from the process when freed. Does nothing unless :func:`tune_allocator` was applied.
+    """
+    libc = _libc() if _tuned else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
+    libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None

@@ -57,7 +57,7 @@ from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baselin
 from compress.models.gpt import PRESETS, GPTConfig
 from compress.preflight import check_tokens
 from compress.recipe import Recipe, VariantSpec, stage_seq_lens, variant_stages
-from compress.runtime import release_memory
+from compress.runtime import building_allocator, release_memory
 from compress.train import TrainConfig
 from compress.variant import save_variant
 
@@ -352,7 +352,8 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
             if spec is None:
                 model, reports, chain = ws.baseline, [], []
             else:
-                model, reports = build_variant(ws, spec, models, progress)
+                with building_allocator():
+                    model, reports = build_variant(ws, spec, models, progress)
                 chain = chains[spec.start] + reports
                 release_memory()  # the fp32 layers a stage replaced, freed but still resident
                 log.info("variant %s: built", name)

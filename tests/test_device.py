@@ -15,7 +15,7 @@ from compress import run as run_mod
 from compress.errors import CompressError
 from compress.evaluate.memory import peak_rss
 from compress.metrics import BY_KEY, Measurement
-from compress.models.adapter import model_device, resolve_device
+from compress.models.adapter import adapter_for, model_device, resolve_device
 from compress.models.gpt import GPT, GPTConfig
 from compress.variant import save_variant
 
@@ -83,6 +83,17 @@ def test_gpu_peak_is_a_catalog_metric_left_empty_on_the_cpu(tmp_path: Path) -> N
     rss = peak_rss(tmp_path, batch_size=1, seq_len=8, threads=1, device="cpu")
     assert "gpu_peak_bytes" not in rss
     assert rss["peak_rss_bytes"] >= rss["rss_after_load_bytes"] > 0
+
+
+def test_a_distillation_student_is_built_on_its_teachers_device() -> None:
+    # the meta device stands in for a GPU: no memory, but a device of its own
+    cfg = GPTConfig(
+        vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, mlp_hidden=64, head_dim=16
+    )
+    teacher = GPT(cfg).to("meta")
+    student = adapter_for(teacher).student(teacher, {"n_layer": 1}, seed=0)
+    assert model_device(student) == torch.device("meta")
+    assert len(student.blocks) == 1
 
 
 @needs_cuda

@@ -9,7 +9,13 @@ import torch
 import torch.nn as nn
 
 from compress.errors import CompressError
-from compress.models.adapter import BlockLayout, ModelAdapter, ModelLayout, register_adapter
+from compress.models.adapter import (
+    BlockLayout,
+    ModelAdapter,
+    ModelLayout,
+    model_device,
+    register_adapter,
+)
 from compress.models.gpt import GPT, GPTConfig
 
 STUDENT_FIELDS = ("n_layer", "n_head", "n_embd", "head_dim", "mlp_hidden")
@@ -100,7 +106,7 @@ class BuiltinGPTAdapter(ModelAdapter):
         if "n_embd" in overrides and "mlp_hidden" not in overrides:
             overrides["mlp_hidden"] = 4 * overrides["n_embd"]
         torch.manual_seed(seed)
-        return GPT(dataclasses.replace(base, **overrides))
+        return GPT(dataclasses.replace(base, **overrides)).to(model_device(model))
 
     def architecture(self, model: nn.Module, path: Path, tensors: dict[str, torch.Tensor]) -> dict:
         return {"family": self.family, "config": model.config.to_dict()}
