@@ -3,7 +3,8 @@
 The built-in GPT is trained on first use, then loaded from the cache. Its cache key covers
 everything that determines the trained weights: model config, corpus fingerprint, tokenizer
 fingerprint, training settings and seed, and the checkpoint format. Change any of them and a
-new baseline is trained; change nothing and it is loaded in well under a second.
+new baseline is trained; change nothing and it is loaded in well under a second, after its
+files are checked against the sha256 digests written with them (a damaged entry is retrained).
 
 A Hugging Face model is loaded as it is (``from_pretrained``); its key is the model id and the
 resolved revision (or the directory's content hash) and the dtype.
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from compress.cache import cache_dir, stable_hash
+from compress.cache import cache_dir, seal_dir, stable_hash, verify_dir
 from compress.data import Tokenizer
 from compress.models.gpt import GPT, PRESETS, GPTConfig
 from compress.train import TrainConfig, TrainReport, train
@@ -80,7 +81,7 @@ def get_baseline(
     """Load the cached baseline for these inputs, or train it and cache it."""
     key = baseline_key(cfg, corpus_fp, tokenizer_fp, train_cfg)
     path = cache_dir() / "baselines" / key
-    if (path / "train.json").exists():
+    if path.exists() and verify_dir(path, "cached baseline"):
         try:
             model = load_variant(path)
             report = json.loads((path / "train.json").read_text())
@@ -103,6 +104,7 @@ def get_baseline(
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}-"))
     save_variant(model, tmp)
     (tmp / "train.json").write_text(json.dumps(report.to_dict(), indent=2))
+    seal_dir(tmp)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
