@@ -253,6 +253,42 @@ class Measurement:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+MEASURED_ALWAYS: tuple[str, ...] = (
+    "perplexity",
+    "nll",
+    "eval_tokens",
+    "latency_ms",
+    "latency_baseline_ms",
+    "latency_ratio",
+    "weight_bytes",
+    "param_count",
+    "saved_bytes",
+)
+"""The metrics every measured variant has (the others depend on its stages or settings)."""
+
+
+def measurement_problem(data: Any) -> str | None:
+    """Why ``data`` is not a complete :meth:`Measurement.to_dict` record (every catalog key,
+    integers where the catalog has integers, finite numbers, :data:`MEASURED_ALWAYS` present),
+    or None when it is one. For records read back from storage or a cache."""
+    if not isinstance(data, dict):
+        return f"not a mapping but {type(data).__name__}"
+    for f in fields(Measurement):
+        if f.name not in data:
+            return f"no {f.name!r}"
+        value = data[f.name]
+        if value is None:
+            if f.name in MEASURED_ALWAYS:
+                return f"{f.name!r} is missing its value"
+            continue
+        wanted = int if str(f.type).startswith("int") else (int, float)
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            return f"{f.name!r} is {value!r}, not {'an integer' if wanted is int else 'a number'}"
+        if not math.isfinite(value):
+            return f"{f.name!r} is {value!r}"
+    return None
+
+
 def as_float(value: Any) -> float | None:
     """``value`` as a float, or None when it is missing, not a number, or NaN."""
     if value is None or isinstance(value, bool):

@@ -25,8 +25,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compress.cache import cache_dir, stable_hash
+from compress.cache import cache_dir, read_entry, stable_hash, write_entry
 from compress.errors import CompressError
+from compress.sanity import binary_signs
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Corpus:
     fingerprint: str
     description: str
     stats: dict = field(repr=False, compare=False)
+    # one line each: why the text may not be text (see compress.sanity.binary_signs)
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def split(self, name: str) -> str:
         """Text of split ``name`` (one of ``train``, ``valid``, ``test``)."""
@@ -71,7 +74,11 @@ def _sha256(text: str) -> str:
 
 
 def _make_corpus(
-    name: str, texts: dict[str, str], documents: dict[str, int], source: str
+    name: str,
+    texts: dict[str, str],
+    documents: dict[str, int],
+    source: str,
+    notes: list[str] | None = None,
 ) -> Corpus:
     """Build a :class:`Corpus`, computing fingerprint, stats and the description line."""
     stats = {s: {"documents": documents[s], "bytes": len(texts[s].encode("utf-8"))} for s in SPLITS}
@@ -85,13 +92,8 @@ def _make_corpus(
         fingerprint=fingerprint,
         description=f"{name}: {source}; {parts}",
         stats=stats,
+        notes=tuple(dict.fromkeys(notes or ())),
     )
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- builtin corpus
@@ -182,12 +184,13 @@ def builtin_corpus() -> Corpus:
     to one split by a hash of its id (about 90/5/5). Cached under ``cache_dir()/corpus``.
     """
     path = _builtin_path()
-    if path.exists():
+    raw = read_entry(path, "cached corpus")
+    if raw is not None:
         t0 = time.perf_counter()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(raw.decode("utf-8"))
             corpus = _make_corpus("builtin", data["texts"], data["documents"], data["source"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             logger.warning("builtin corpus: ignoring unreadable cache %s: %s", path, exc)
         else:
             logger.info(
@@ -207,14 +210,13 @@ def builtin_corpus() -> Corpus:
     documents = {s: len(parts[s]) for s in SPLITS}
     corpus = _make_corpus("builtin", texts, documents, source)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": _BUILTIN_FORMAT,
         "texts": texts,
         "documents": documents,
         "source": source,
     }
-    _write_atomic(path, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+    write_entry(path, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
     logger.info(
         "builtin corpus: built in %.2fs, cached at %s: %s",
         time.perf_counter() - t0,
@@ -257,12 +259,21 @@ def _collect(patterns: list[str], base: Path, where: str) -> list[Path]:
     return [files[k] for k in sorted(files)]
 
 
-def _read(path: Path) -> str:
+def _read(path: Path, notes: list[str]) -> str:
+    """The text of ``path``; a note (and a warning) when its bytes look binary."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise CompressError(f"cannot read corpus file {path}: {exc}") from exc
+    if (signs := binary_signs(data)) and not any(str(path) in n for n in notes):
+        notes.append(_binary_note(f"corpus file {path}", signs))
     return data.decode("utf-8", errors="replace")
+
+
+def _binary_note(what: str, signs: str) -> str:
+    note = f"{what} looks binary, not text ({signs}); a model trained or scored on it means little"
+    logger.warning("%s", note)
+    return note
 
 
 def _concat(texts: list[str]) -> tuple[str, list[int]]:
@@ -354,19 +365,21 @@ def files_corpus(
         texts: dict[str, str] = {}
         documents: dict[str, int] = {}
         sources = []
+        notes: list[str] = []
         for s in SPLITS:
             paths = _collect(files[s], base, f"files corpus split {s!r}")
-            texts[s], _ = _concat([_read(p) for p in paths])
+            texts[s], _ = _concat([_read(p, notes) for p in paths])
             documents[s] = len(paths)
             sources.append(f"{s} from {_describe_files(paths, base)}")
         for s in SPLITS:
             if not texts[s]:
                 raise CompressError(f"files corpus: split {s!r} is empty (its files hold no text)")
-        return _make_corpus("files", texts, documents, "; ".join(sources))
+        return _make_corpus("files", texts, documents, "; ".join(sources), notes)
 
     fr = _check_fractions(fractions)
     paths = _collect(files, base, "files corpus")
-    text, starts = _concat([_read(p) for p in paths])
+    notes = []
+    text, starts = _concat([_read(p, notes) for p in paths])
     n = len(text)
     c1 = _cut(text, round(n * fr[0]))
     c2 = max(c1, _cut(text, round(n * (fr[0] + fr[1]))))
@@ -385,7 +398,7 @@ def files_corpus(
         for s, (a, b) in bounds.items()
     }
     source = f"{_describe_files(paths, base)} cut {fr[0]:g}/{fr[1]:g}/{fr[2]:g}"
-    return _make_corpus("files", texts, documents, source)
+    return _make_corpus("files", texts, documents, source, notes)
 
 
 # --------------------------------------------------------------------------- datasets corpus
@@ -418,6 +431,7 @@ def hf_corpus(
         ) from None
     texts: dict[str, str] = {}
     documents: dict[str, int] = {}
+    notes: list[str] = []
     for s in SPLITS:
         split = splits.get(s)
         if split not in ds:
@@ -434,5 +448,7 @@ def hf_corpus(
         documents[s] = len(rows)
         if not texts[s].strip():
             raise CompressError(f"data: split {split!r} of {path!r} holds no text")
+        if signs := binary_signs(texts[s]):
+            notes.append(_binary_note(f"split {split!r} of dataset {path!r}", signs))
     source = f"datasets {path}{f'/{name}' if name else ''} ({', '.join(splits[s] for s in SPLITS)})"
-    return _make_corpus("hf", texts, documents, source)
+    return _make_corpus("hf", texts, documents, source, notes)

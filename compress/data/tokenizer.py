@@ -2,7 +2,7 @@
 
 Everything expensive is cached under :func:`compress.cache.cache_dir`, keyed by content
 fingerprints: trained tokenizers in ``tokenizers/`` (tokenizers JSON) and encoded splits in
-``tokens/`` (safetensors).
+``tokens/`` (safetensors), each with its sha256 beside it, checked when read back.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from itertools import chain
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from compress.cache import cache_dir, stable_hash
+from compress.cache import cache_dir, read_entry, stable_hash, write_entry
 from compress.data.corpus import SPLITS, Corpus
 from compress.errors import CompressError
 
@@ -151,18 +152,19 @@ def train_tokenizer(corpus: Corpus, vocab_size: int) -> Tokenizer:
     ``corpus.train`` only; loaded from the cache when trained before."""
     _check_vocab_size(vocab_size)
     path = tokenizer_cache_path(corpus, vocab_size)
-    if path.is_file():
+    data = read_entry(path, "cached tokenizer")
+    if data is not None:
         try:
-            tok = Tokenizer.load(path)
-        except CompressError as exc:
-            logger.warning("ignoring unreadable cached tokenizer: %s", exc)
+            tok = Tokenizer(_HFTokenizer.from_str(data.decode("utf-8")))
+        except Exception as exc:  # tokenizers raises plain Exception on bad JSON
+            logger.warning("cache: ignoring unreadable cached tokenizer %s: %s", path, exc)
         else:
             logger.info("tokenizer: loaded from cache %s (vocab %d)", path, tok.vocab_size)
             return tok
 
     t0 = time.perf_counter()
     tok = Tokenizer(_train(corpus.train, vocab_size))
-    tok.save(path)
+    write_entry(path, tok.backend.to_str(pretty=True).encode("utf-8"))
     logger.info(
         "tokenizer: trained vocab %d (asked %d) on %s train split in %.2fs, cached at %s",
         tok.vocab_size,
@@ -189,23 +191,23 @@ def tokens_cache_path(tokenizer: Tokenizer, corpus: Corpus) -> Path:
 def encode_splits(tokenizer: Tokenizer, corpus: Corpus) -> dict[str, torch.Tensor]:
     """``{"train", "valid", "test"}`` -> 1-D ``torch.long`` token ids of each split (cached)."""
     path = tokens_cache_path(tokenizer, corpus)
-    if path.is_file():
+    data = read_entry(path, "cached tokens")
+    if data is not None:
         try:
-            tensors = load_file(str(path))
+            tensors = load_tensors(data)
         except Exception as exc:  # safetensors raises its own error types
-            logger.warning("ignoring unreadable cached tokens %s: %s", path, exc)
+            logger.warning("cache: ignoring unreadable cached tokens %s: %s", path, exc)
         else:
             if set(tensors) == set(SPLITS):
                 logger.info("tokens: loaded from cache %s", path)
                 return {s: tensors[s] for s in SPLITS}
-            logger.warning("ignoring cached tokens %s: unexpected keys %s", path, sorted(tensors))
+            logger.warning(
+                "cache: ignoring cached tokens %s: unexpected keys %s", path, sorted(tensors)
+            )
 
     t0 = time.perf_counter()
     out = {s: torch.tensor(tokenizer.encode(corpus.split(s)), dtype=torch.long) for s in SPLITS}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(out, str(tmp))
-    os.replace(tmp, path)
+    write_entry(path, save_tensors(out))
     logger.info(
         "tokens: encoded %s in %.2fs (%s), cached at %s",
         corpus.name,

@@ -3,7 +3,8 @@
 The built-in GPT is trained on first use, then loaded from the cache. Its cache key covers
 everything that determines the trained weights: model config, corpus fingerprint, tokenizer
 fingerprint, training settings and seed, and the checkpoint format. Change any of them and a
-new baseline is trained; change nothing and it is loaded in well under a second.
+new baseline is trained; change nothing and it is loaded in well under a second, after its
+files are checked against the sha256 digests written with them (a damaged entry is retrained).
 
 The key leaves out what only decides *when* training happens (the time cap ``max_minutes``,
 ``checkpoint_every``): the weights a key names are those of ``max_steps`` steps, whatever the
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn as nn
 
-from compress.cache import cache_dir, stable_hash
+from compress.cache import cache_dir, seal_dir, stable_hash, verify_dir
 from compress.data import Tokenizer
 from compress.models.gpt import GPT, PRESETS, GPTConfig
 from compress.train import TrainConfig, TrainReport, TrainState, train
@@ -163,7 +164,7 @@ def get_baseline(
 def _read_entry(path: Path) -> tuple[GPT | None, dict | None, TrainState | None]:
     """The cached model, its training report and (partial entries) its training state; Nones
     when there is no readable entry (a damaged one is rebuilt, not fatal)."""
-    if not (path / "train.json").exists():
+    if not (path / "train.json").exists() or not verify_dir(path, "cached baseline"):
         return None, None, None
     try:
         model = load_variant(path)
@@ -186,6 +187,7 @@ def _write_entry(
     if state is not None:
         state.save(tmp / STATE_DIR)
     (tmp / "train.json").write_text(json.dumps(report.to_dict(), indent=2))
+    seal_dir(tmp)
     old = None
     if path.exists():
         old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from compress.cache import cache_dir
+from compress.cache import cache_dir, read_entry, write_entry
 from compress.errors import CompressError
 from compress.models.adapter import (
     BlockLayout,
@@ -133,8 +133,9 @@ def dir_fingerprint(path: Path) -> str:
         ).encode()
     ).hexdigest()
     memo = cache_dir() / "fingerprints" / f"{stat_key}.txt"
-    if memo.is_file():
-        return memo.read_text().strip()
+    remembered = read_entry(memo, "remembered fingerprint")
+    if remembered is not None:
+        return remembered.decode().strip()
     h = hashlib.sha256()
     for f in files:
         h.update(f.relative_to(path).as_posix().encode() + b"\0")
@@ -143,10 +144,7 @@ def dir_fingerprint(path: Path) -> str:
                 h.update(chunk)
         h.update(b"\0")
     digest = h.hexdigest()[:24]
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-    tmp.write_text(digest)
-    os.replace(tmp, memo)
+    write_entry(memo, digest.encode())
     return digest
 
 

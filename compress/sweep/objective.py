@@ -29,8 +29,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from compress import __version__, gate
-from compress.cache import cache_dir, stable_hash
-from compress.metrics import ratios
+from compress.cache import cache_dir, read_entry, stable_hash, write_entry
+from compress.metrics import measurement_problem, ratios
 from compress.recipe import Recipe, VariantSpec
 from compress.report.tables import jsonable
 from compress.storage import ARTIFACT_DIR
@@ -125,14 +125,20 @@ def cached_result(earlier: list[FrozenTrial], key: str) -> tuple[dict | None, st
     for t in earlier:
         if t.state == TrialState.COMPLETE and t.user_attrs.get(KEY_ATTR) == key:
             metrics = t.user_attrs.get("measured")
-            if isinstance(metrics, dict):
+            if measurement_problem(metrics) is None:
                 return dict(metrics), f"trial {t.number}"
     path = result_path(key)
-    if path.is_file():
+    data = read_entry(path, "cached sweep result")
+    if data is not None:
         try:
-            return json.loads(path.read_text()), "cache"
-        except (OSError, ValueError):
-            log.warning("ignoring unreadable result cache %s", path)
+            measured = json.loads(data)
+        except ValueError as exc:
+            measured, problem = None, f"not JSON ({exc})"
+        else:
+            problem = measurement_problem(measured)
+        if problem is None:
+            return measured, "cache"
+        log.warning("cache: cached sweep result %s is invalid (%s); measuring again", path, problem)
     return None, None
 
 
@@ -151,11 +157,7 @@ def failed_before(earlier: list[FrozenTrial], key: str) -> tuple[int, str] | Non
 
 
 def store_result(key: str, measured: dict) -> None:
-    path = result_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(measured, sort_keys=True))
-    os.replace(tmp, path)
+    write_entry(result_path(key), json.dumps(measured, sort_keys=True).encode())
 
 
 def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:

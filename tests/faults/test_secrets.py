@@ -22,6 +22,7 @@ from compress.report import write_report
 from compress.report.folder import claim
 from compress.storage import STORAGE_ENV, sign_pointer
 from compress.sweep import runner
+from compress.sweep import study as study_mod
 from compress.sweep.driver import write_pointer
 from tests.sweep.conftest import sweep_recipe
 
@@ -166,13 +167,18 @@ def test_local_workers_get_the_storage_password_in_their_environment_not_argv(
         def __init__(self, argv: list[str], env: dict[str, str] | None = None, **kw) -> None:
             seen.append((argv, env or {}))
 
+            self.pid, self.returncode, self.stderr = 4242, 0, None
+
+        def poll(self) -> int:
+            return 0
+
         def wait(self, timeout: float | None = None) -> int:
             return 0
 
     monkeypatch.setattr(subprocess, "Popen", FakeProcess)
     url = "postgresql+psycopg://me:s3cret-pw@db.example:5432/optuna"
     args = [runner.WorkerArgs("r.yaml", "out", url, "s", i, 2, 1, 2, False, False) for i in (0, 1)]
-    assert runner.spawn_workers(args, print) == [0, 0]
+    assert [e.code for e in runner.spawn_workers(args, print)] == [0, 0]
     assert len(seen) == 2
     for (argv, env), sent in zip(seen, args, strict=True):
         assert argv[:3] == [sys.executable, "-m", "compress.sweep.runner"]
@@ -225,7 +231,7 @@ def test_a_rejected_sweep_leaves_the_report_folder_it_was_pointed_at_alone(
         folder.ensure()
     storage = f"sqlite:///{theirs / 'sweep.db'}"
     study = optuna.create_study(study_name="tiny-sweep", storage=storage, directions=["minimize"])
-    study.set_user_attr(runner.STUDY_ATTR, {"space_hash": "another space"})
+    study.set_user_attr(study_mod.STUDY_ATTR, {"space_hash": "another space"})
     write_pointer(theirs, storage, "tiny-sweep")
     before = {p.name: p.read_bytes() for p in theirs.iterdir() if p.name != "sweep.db"}
 
