@@ -304,6 +304,10 @@ def requeue_interrupted(study: optuna.Study, worker: str | None = None) -> int:
 # Claiming
 
 
+class LabelError(Exception):
+    """A claimed trial's `label` raised; the trial is failed with the error."""
+
+
 @dataclass
 class Claim:
     """A trial this worker now runs; `twin` is a trial of the same configuration that was
@@ -330,7 +334,8 @@ def claim(
     """Take the next trial (a queued one first, else the sampler's), unless `budget` trials
     are claimed already (then None). `label(trial)` suggests its parameters, records its
     configuration and returns its key (:data:`KEY_ATTR`). If `label` raises, the trial is
-    failed (Ctrl-C: marked interrupted, for :func:`requeue_interrupted`) and the error raised.
+    failed and :class:`LabelError` raised (Ctrl-C: the trial is marked interrupted, for
+    :func:`requeue_interrupted`, and KeyboardInterrupt raised).
     """
     storage = study._storage
     with claim_lock(rdb, study._study_id):
@@ -347,14 +352,16 @@ def claim(
         trial.set_user_attr(PROCESS_ATTR, process_token())
         try:
             key = label(trial)
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                trial.set_user_attr("error", "interrupted")
-                trial.set_user_attr("interrupted", True)
-            else:
-                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted")
+            trial.set_user_attr("interrupted", True)
             study.tell(trial, state=TrialState.FAIL)
             raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("error", error)
+            study.tell(trial, state=TrialState.FAIL)
+            raise LabelError(f"trial {trial.number} failed before it started: {error}") from exc
         # every running trial was claimed before this one (claims are serialized), so waits
         # point back in time and never form a cycle, whatever the trial numbers
         twins = [

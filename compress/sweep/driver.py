@@ -272,7 +272,7 @@ def run_sweep(
 
             def on_exit(ended: WorkerExit, st: optuna.Study = st) -> None:
                 if ended.failed:  # its trial need not wait for the heartbeat to go stale
-                    echo(f"error: {ended.describe()}")
+                    echo(ended.describe())
                     release(st, rdb, echo)
 
             exits = spawn_workers(

@@ -41,6 +41,7 @@ from compress.storage import STORAGE_ENV, mask_url
 from compress.sweep.claims import (
     Claim,
     Heartbeat,
+    LabelError,
     Released,
     claim,
     claim_lock,
@@ -133,12 +134,10 @@ def run_worker(
         while not _should_stop(study, spec, echo) and time.monotonic() < deadline:
             try:
                 with gate.computing():  # sampling counts as computing too; see measure()
-                    c = claim(
-                        study, storage, spec.trials, worker_id, labelled, lambda r: echo(r.line())
-                    )
-            except Exception as exc:  # the trial is failed with the error; the sweep goes on
+                    c = claim(study, storage, spec.trials, worker_id, labelled, said)
+            except LabelError as exc:  # the trial is failed with the error; the sweep goes on
                 log.debug("claiming a trial failed", exc_info=True)
-                echo(f"{worker_id}: a trial failed before it started: {type(exc).__name__}: {exc}")
+                echo(f"{worker_id}: {exc}")
                 continue
             if c is None:
                 if not waiting:

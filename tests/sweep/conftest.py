@@ -22,7 +22,9 @@ POSTGRES_ENV = "COMPRESS_TEST_POSTGRES_URL"
 SWEEP: dict = {
     "trials": 8,
     "sampler": {"startup_trials": 3},
-    "heartbeat": {"interval": 1, "grace": 3},
+    # short enough that a test waits little for a silent worker, long enough that a worker
+    # starved on a busy machine is not taken for dead
+    "heartbeat": {"interval": 1, "grace": 10},
     "params": {
         "prune": {"choice": [False, True]},
         "sparsity": {"float": [0.1, 0.8], "step": 0.1, "when": {"prune": True}},
