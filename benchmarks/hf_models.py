@@ -89,24 +89,30 @@ def build_models(root: Path, families: list[str], steps: int) -> dict[str, float
     train_ids = encode_splits(tokenizer, corpus)["train"]
     seconds = {}
     for family in families:
+        done = root / family / "benchmark-train.json"
+        if done.is_file() and json.loads(done.read_text())["steps"] == steps:
+            seconds[family] = json.loads(done.read_text())["seconds"]
+            continue
         t0 = time.perf_counter()
         hf = build_trained(family, tokenizer, train_ids, steps=steps)
         seconds[family] = time.perf_counter() - t0
         save_model_dir(hf, tokenizer, root / family)
+        done.write_text(json.dumps({"steps": steps, "seconds": seconds[family]}))
         print(f"{family}: trained {steps} steps in {seconds[family]:.0f} s", flush=True)
     return seconds
 
 
 def recipe(family: str, model_dir: Path) -> dict:
-    recover = {"teacher": "baseline", "max_steps": 100, "seq_len": 64, "early_stop_patience": None}
+    recover = {"teacher": "baseline", "max_steps": 60, "seq_len": 64, "early_stop_patience": None}
     return {
         "name": f"hf-{family}",
         "device": "cpu",
         "model": {"hf": str(model_dir)},
         "data": data_spec(),
         "eval": {
-            "perplexity": {"split": "test", "seq_len": 128, "batch_size": 8, "max_tokens": 32768},
-            "latency": {"batch_size": 4, "seq_len": 128, "threads": 1, "warmup": 3, "repeats": 15},
+            "perplexity": {"split": "test", "seq_len": 128, "batch_size": 8, "max_tokens": 16384},
+            "latency": {"batch_size": 4, "seq_len": 128, "threads": 1, "warmup": 2, "repeats": 11},
+            "memory": {"peak_rss": False},  # a child process per variant; memory: scale.py
         },
         "variants": [
             {"name": "int8", "pipeline": [{"int8": {}}]},
@@ -120,7 +126,7 @@ def recipe(family: str, model_dir: Path) -> dict:
             {
                 "name": "student-distilled",
                 "pipeline": [
-                    {"distill": {**recover, "student": STUDENT[family], "max_steps": 200}}
+                    {"distill": {**recover, "student": STUDENT[family], "max_steps": 120}}
                 ],
             },
         ],
@@ -151,9 +157,10 @@ def main() -> None:
     p.add_argument("--families", nargs="+", default=list(STUDENT), choices=list(STUDENT))
     p.add_argument("--steps", type=int, default=300, help="training steps of each tiny model")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--work-dir", type=Path, help="keep (and reuse) the trained models here")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="compress-hf-") as tmp:
-        work = Path(tmp)
+        work = args.work_dir or Path(tmp)
         os.environ.setdefault("COMPRESS_CACHE_DIR", str(work / "cache"))
         train_s = build_models(work / "models", args.families, args.steps)
         runs = {f: run(f, work / "models" / f, work) for f in args.families}
@@ -194,9 +201,9 @@ def write_results(out: Path, runs: dict[str, dict], train_s: dict, steps: int) -
         f"2 layers, width 64, 4 heads; Llama with 2 key/value heads) was built with "
         f"`from_config`, trained {steps} steps on the WikiText-2 validation text with a "
         f"byte-level BPE tokenizer of {VOCAB} tokens, saved with `save_pretrained` and run "
-        "through `python -m compress.run` on the CPU. Perplexity: the first 32768 tokens of the "
+        "through `python -m compress.run` on the CPU. Perplexity: the first 16384 tokens of the "
         "WikiText-2 test text, windows of 128. Latency: one forward pass at batch 4 x 128, "
-        "1 thread (everything in these runs uses one), each variant timed in 15 rounds "
+        "1 thread (everything in these runs uses one), each variant timed in 11 rounds "
         "alternating with the baseline; `ms` is the "
         "variant's median and interquartile range, `x` the ratio of the medians in that paired "
         "measurement. Models this small and this briefly trained cannot rank the methods "
