@@ -19,6 +19,7 @@ TINY_RECIPE: dict = {
     "data": {"corpus": "builtin", "vocab_size": 1024},
     "train": {
         "max_steps": 200,
+        "max_minutes": None,  # the same baseline on a busy machine, only later
         "batch_size": 8,
         "seq_len": 128,
         "lr": 3e-3,
