@@ -45,8 +45,40 @@ _RSS = (
     "pass at the latency batch shape."
 )
 
+_CI = (
+    "percentile bootstrap over {unit} (2000 resamples, seeded with the recipe's seed), 95% "
+    "confidence."
+)
+_LOAD = "during the variant's latency measurement."
+
 CATALOG: tuple[Metric, ...] = (
     Metric("perplexity", "perplexity", _PPL, better="lower", objective=True),
+    Metric(
+        "perplexity_lo",
+        "perplexity CI low",
+        "lower end of the perplexity's 95% confidence interval: "
+        + _CI.format(unit="the scoring windows (each window's NLL sum and token count)"),
+    ),
+    Metric("perplexity_hi", "perplexity CI high", "upper end of the same interval."),
+    Metric(
+        "ppl_delta",
+        "perplexity - baseline",
+        "the variant's perplexity minus the baseline's, both on the same windows.",
+        better="lower",
+    ),
+    Metric(
+        "ppl_delta_lo",
+        "ppl delta CI low",
+        "lower end of the 95% confidence interval of ppl_delta: "
+        + _CI.format(unit="the windows, the same ones for the variant and the baseline (paired)"),
+    ),
+    Metric("ppl_delta_hi", "ppl delta CI high", "upper end of the same interval."),
+    Metric(
+        "ppl_within_noise",
+        "ppl delta within noise",
+        "true when ppl_delta's confidence interval contains 0: the data cannot tell the "
+        "variant's perplexity from the baseline's.",
+    ),
     Metric("nll", "NLL", "mean negative log-likelihood per scored token, in nats.", better="lower"),
     Metric("eval_tokens", "scored tokens", "number of tokens the perplexity scored.", "tokens"),
     Metric("latency_ms", "latency (ms)", _LATENCY, "ms", "lower", objective=True),
@@ -70,6 +102,40 @@ CATALOG: tuple[Metric, ...] = (
         "x",
         "lower",
         objective=True,
+    ),
+    Metric(
+        "latency_ratio_lo",
+        "latency ratio CI low",
+        "lower end of latency_ratio's 95% confidence interval: "
+        + _CI.format(unit="the rounds, each round's two timings kept together (paired)"),
+        "x",
+    ),
+    Metric("latency_ratio_hi", "latency ratio CI high", "upper end of the same interval.", "x"),
+    Metric(
+        "latency_noisy",
+        "latency noisy",
+        "true when latency_ratio's interval is still wider than eval.latency.ci_target (its "
+        "half-width relative to the ratio) after eval.latency.max_seconds of rounds: the "
+        "ratio is not trustworthy at that precision.",
+    ),
+    Metric(
+        "latency_rounds",
+        "latency rounds",
+        "alternating rounds timed (at least eval.latency.repeats; more until the interval was "
+        "narrow enough or the time budget was spent).",
+    ),
+    Metric(
+        "load_avg_before",
+        "load before",
+        "1-minute load average just before the variant's latency measurement (os.getloadavg).",
+    ),
+    Metric("load_avg_after", "load after", "1-minute load average just after it."),
+    Metric(
+        "cpu_steal",
+        "CPU steal",
+        "fraction of the machine's CPU time stolen by the hypervisor for other guests "
+        + _LOAD
+        + " (from /proc/stat; empty where unavailable).",
     ),
     Metric(
         "weight_bytes",
@@ -223,12 +289,25 @@ class Measurement:
     """One variant's measured numbers (None where not measured). Keys are catalog keys."""
 
     perplexity: float | None = None
+    perplexity_lo: float | None = None
+    perplexity_hi: float | None = None
+    ppl_delta: float | None = None
+    ppl_delta_lo: float | None = None
+    ppl_delta_hi: float | None = None
+    ppl_within_noise: bool | None = None
     nll: float | None = None
     eval_tokens: int | None = None
     latency_ms: float | None = None
     latency_iqr_ms: float | None = None
     latency_baseline_ms: float | None = None
     latency_ratio: float | None = None
+    latency_ratio_lo: float | None = None
+    latency_ratio_hi: float | None = None
+    latency_noisy: bool | None = None
+    latency_rounds: int | None = None
+    load_avg_before: float | None = None
+    load_avg_after: float | None = None
+    cpu_steal: float | None = None
     weight_bytes: int | None = None
     quantized_layer_bytes: int | None = None
     quantized_layer_fp32_bytes: int | None = None

@@ -159,7 +159,12 @@ class LatencySpec(Strict):
     seq_len: int = Field(256, ge=1)
     threads: int | None = Field(None, ge=1, description="defaults to torch's thread count")
     warmup: int = Field(3, ge=0)
-    repeats: int = Field(20, ge=3)
+    repeats: int = Field(20, ge=3, description="alternating rounds timed at least")
+    # More rounds follow until the 95% interval of a variant's latency ratio is within
+    # ci_target of the ratio (half-width / ratio) or max_seconds of timing are spent; a ratio
+    # still wider is marked noisy.
+    ci_target: float = Field(0.03, gt=0, lt=1)
+    max_seconds: float = Field(15.0, gt=0)
 
 
 class MemorySpec(Strict):

@@ -72,13 +72,54 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _ppl_delta_cell(r: dict) -> str:
+    """``+0.123 [-0.050, +0.301] within noise``."""
+    if r.get("ppl_delta") is None or r.get("ppl_delta_lo") is None:
+        return "-"
+    cell = f"{r['ppl_delta']:+.3f} [{r['ppl_delta_lo']:+.3f}, {r['ppl_delta_hi']:+.3f}]"
+    return cell + (" within noise" if r.get("ppl_within_noise") else "")
+
+
+def _latency_ratio_cell(r: dict) -> str:
+    """``0.512 [0.498, 0.526]``, with ``NOISY`` when the interval stayed wider than asked."""
+    if r.get("latency_ratio") is None:
+        return "-"
+    cell = f"{r['latency_ratio']:.3f}"
+    if r.get("latency_ratio_lo") is not None:
+        cell += f" [{r['latency_ratio_lo']:.3f}, {r['latency_ratio_hi']:.3f}]"
+    return cell + (" NOISY" if r.get("latency_noisy") else "")
+
+
+def noise_notes(rows: list[dict], recipe: Recipe) -> list[str]:
+    """A line per variant whose numbers the data cannot back: a noisy latency ratio, a
+    perplexity change within noise."""
+    out = []
+    target = recipe.eval.latency.ci_target
+    for r in rows[1:]:
+        if r.get("latency_noisy"):
+            out.append(
+                f"noise: {r['variant']}: latency ratio {r['latency_ratio']:.3f} is NOISY (95% CI "
+                f"{r['latency_ratio_lo']:.3f}-{r['latency_ratio_hi']:.3f}, wider than "
+                f"±{target:.0%} after {r.get('latency_rounds')} rounds; load average "
+                f"{_fmt(r.get('load_avg_before'), '.1f')} -> "
+                f"{_fmt(r.get('load_avg_after'), '.1f')})"
+            )
+        if r.get("ppl_within_noise"):
+            out.append(
+                f"noise: {r['variant']}: perplexity change {r['ppl_delta']:+.3f} is within noise "
+                f"(95% CI {r['ppl_delta_lo']:+.3f} to {r['ppl_delta_hi']:+.3f} contains 0)"
+            )
+    return out
+
+
 def summary_table(rows: list[dict]) -> str:
     cols = [
         "variant",
         "ppl",
         "ppl x",
+        "ppl - baseline (95% CI)",
         "latency ms",
-        "lat x",
+        "lat x (95% CI)",
         "weights",
         "wt x",
         "q-layer x",
@@ -95,10 +136,11 @@ def summary_table(rows: list[dict]) -> str:
                 r["variant"],
                 _fmt(r.get("perplexity"), ".3f"),
                 _fmt(r.get("perplexity_ratio"), ".4f"),
+                _ppl_delta_cell(r),
                 "-"
                 if r.get("latency_ms") is None
                 else f"{r['latency_ms']:.2f} ± {r['latency_iqr_ms']:.2f}",
-                _fmt(r.get("latency_ratio"), ".3f"),
+                _latency_ratio_cell(r),
                 _fmt_bytes(r.get("weight_bytes")),
                 _fmt(r.get("weight_bytes_ratio"), ".3f"),
                 _fmt(r.get("quantized_layer_bytes_ratio"), ".3f"),
@@ -189,7 +231,9 @@ def _sections(
             "value": f"batch {lat.batch_size} x {lat.seq_len} tokens, "
             f"{first_lat.latency.threads if first_lat else '-'} threads, "
             f"{lat.warmup} warm-up passes, "
-            f"{lat.repeats} interleaved rounds",
+            f"at least {lat.repeats} interleaved rounds per variant, more until the latency "
+            f"ratio's 95% interval is within ±{lat.ci_target:.0%} of it or {lat.max_seconds:g} s "
+            "are spent (else it is marked noisy)",
         },
     ]
     sections = [
@@ -288,6 +332,8 @@ def run(
         f"unigram perplexity of the same tokens: {ws.unigram_perplexity:.2f}; "
         f"run took {seconds:.1f} s"
     )
+    for line in noise_notes(rows, recipe):
+        print(line)
     print(f"report: {paths['html']}  (also {paths['csv'].name}, {paths['json'].name})")
     print(f"dashboard: {dashboard_command(paths['study'])}")
     if warning := ws.baseline_info.partial_warning(rows[0].get("perplexity")):

@@ -5,7 +5,8 @@
     build_variant    -> baseline copy through the variant's compressor stages, stage reports
     measure_static   -> perplexity, memory, saved size, peak RSS of one variant
     paired_latency   -> the variant and the baseline timed in alternating rounds, so drift on a
-                        noisy machine hits both alike; the ratio is the paired one
+                        noisy machine hits both alike; the ratio is the paired one, with its
+                        bootstrap confidence interval (rounds go on until it is narrow enough)
     run_variants     -> every variant built, measured and freed in turn (only the baseline and
                         the variants a later one starts from or learns from stay in memory;
                         freed memory goes back to the OS after each build and each variant)
@@ -42,7 +43,14 @@ from compress.data import (
     unigram_perplexity,
 )
 from compress.errors import CompressError
-from compress.evaluate.latency import LatencyResult, interleaved_latency, summarize
+from compress.evaluate.latency import (
+    LatencyResult,
+    PairedLatency,
+    interleaved_latency,
+    paired_ratio,
+    summarize,
+)
+from compress.evaluate.load import LoadProbe
 from compress.evaluate.memory import (
     count_zeros,
     dir_bytes,
@@ -51,6 +59,7 @@ from compress.evaluate.memory import (
     peak_rss,
 )
 from compress.evaluate.perplexity import PerplexityResult, perplexity
+from compress.evaluate.uncertainty import perplexity_difference, perplexity_interval
 from compress.metrics import Measurement
 from compress.models.adapter import ModelAdapter, adapter_for, resolve_device
 from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baseline
@@ -77,6 +86,9 @@ class Workspace:
     unigram_perplexity: float  # of the evaluation split, unigram fit on the training split
     setup_seconds: float
     device: torch.device = torch.device("cpu")
+    # The baseline's perplexity, window by window: what every variant's difference is paired
+    # with. Set when the baseline is measured, or scored on first need.
+    baseline_perplexity: PerplexityResult | None = None
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -254,17 +266,12 @@ def measure_static(
         sparsity=zeros / total if total else 0.0,
         quantized_modules=sum(len(r.touched) for r in quant),
     )
-    ppl_spec = recipe.eval.perplexity
-    ppl = perplexity(
-        model,
-        _eval_ids(recipe, ws.tokens),
-        ppl_spec.seq_len,
-        ppl_spec.stride,
-        ppl_spec.batch_size,
-    )
+    ppl = _perplexity(ws, model)
     if not torch.isfinite(torch.tensor(ppl.perplexity)):
         raise FloatingPointError(f"perplexity is {ppl.perplexity}")
-    m.perplexity, m.nll, m.eval_tokens = ppl.perplexity, ppl.nll, ppl.tokens
+    if model is ws.baseline:
+        ws.baseline_perplexity = ppl
+    set_perplexity(m, ppl, baseline_perplexity(ws), recipe.seed)
     if variant_dir.exists():
         shutil.rmtree(variant_dir)
     save_variant(model, variant_dir, extra={"variant": name, "stages": description})
@@ -283,6 +290,34 @@ def measure_static(
     return VariantResult(name, m, description, None, reports, ppl, None, rss)
 
 
+def _perplexity(ws: Workspace, model: nn.Module) -> PerplexityResult:
+    spec = ws.recipe.eval.perplexity
+    return perplexity(
+        model, _eval_ids(ws.recipe, ws.tokens), spec.seq_len, spec.stride, spec.batch_size
+    )
+
+
+def baseline_perplexity(ws: Workspace) -> PerplexityResult:
+    """The baseline's perplexity result with its per-window numbers (scored once per
+    workspace)."""
+    if ws.baseline_perplexity is None:
+        ws.baseline_perplexity = _perplexity(ws, ws.baseline)
+    return ws.baseline_perplexity
+
+
+def set_perplexity(
+    m: Measurement, ppl: PerplexityResult, base: PerplexityResult, seed: int
+) -> None:
+    """The perplexity metrics: the value, its 95% interval over windows, and its difference to
+    the baseline's on the same windows with that difference's paired 95% interval."""
+    m.perplexity, m.nll, m.eval_tokens = ppl.perplexity, ppl.nll, ppl.tokens
+    ci = perplexity_interval(ppl.window_nll, ppl.window_tokens, seed)
+    m.perplexity_lo, m.perplexity_hi = ci.lo, ci.hi
+    delta = perplexity_difference(ppl.window_nll, base.window_nll, ppl.window_tokens, seed)
+    m.ppl_delta, m.ppl_delta_lo, m.ppl_delta_hi = delta.estimate, delta.lo, delta.hi
+    m.ppl_within_noise = delta.contains(0.0)
+
+
 def _describe(report: StageReport) -> str:
     return REGISTRY[report.stage].config_cls.model_validate(report.config).describe()
 
@@ -298,25 +333,37 @@ def failed(name: str, exc: BaseException) -> VariantResult:
     )
 
 
-def paired_latency(ws: Workspace, model: nn.Module, threads: int) -> dict[str, LatencyResult]:
-    """``{"baseline": ..., "variant": ...}``: both timed in alternating rounds in one
-    measurement (the variant alone when it is the baseline)."""
+def paired_latency(ws: Workspace, model: nn.Module, threads: int) -> PairedLatency:
+    """The variant and the baseline timed in alternating rounds in one measurement, with the
+    ratio's confidence interval (the baseline alone, ratio 1, when it is the variant)."""
     lat = ws.recipe.eval.latency
-    models = (
-        {"variant": model} if model is ws.baseline else {"baseline": ws.baseline, "variant": model}
-    )
-    timings = interleaved_latency(
-        models,
+    if model is ws.baseline:
+        probe, start = LoadProbe.start(), time.perf_counter()
+        alone = interleaved_latency(
+            {"variant": model},
+            ws.input_vocab,
+            lat.batch_size,
+            lat.seq_len,
+            threads,
+            lat.warmup,
+            lat.repeats,
+            seed=ws.recipe.seed,
+        )["variant"]
+        seconds = time.perf_counter() - start
+        return PairedLatency.alone(alone, lat.ci_target, seconds, probe.finish())
+    return paired_ratio(
+        ws.baseline,
+        model,
         ws.input_vocab,
         lat.batch_size,
         lat.seq_len,
         threads,
         lat.warmup,
         lat.repeats,
+        lat.ci_target,
+        lat.max_seconds,
         seed=ws.recipe.seed,
     )
-    timings.setdefault("baseline", timings["variant"])
-    return timings
 
 
 def _later_references(recipe: Recipe) -> dict[str, int]:
@@ -362,8 +409,8 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
             log.info("variant %s: perplexity, size and peak RSS measured", name)
             if spec is not None or len(specs) == 1:
                 timings = paired_latency(ws, model, threads)
-                res.latency = timings["variant"]
-                baseline_samples += timings["baseline"].samples_ms
+                res.latency = timings.variant
+                baseline_samples += timings.baseline.samples_ms
                 set_latency(res.measurement, timings)
             if spec is not None and keep_until.get(name, -1) > i:
                 models[name] = model
@@ -379,16 +426,21 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
     if base.status == "ok" and baseline_samples and base.latency is None:
         lat = recipe.eval.latency  # the baseline's timings from every pair, pooled
         base.latency = summarize(baseline_samples, lat.batch_size, lat.seq_len, threads, lat.warmup)
-        set_latency(base.measurement, {"baseline": base.latency, "variant": base.latency})
+        set_latency(base.measurement, PairedLatency.alone(base.latency, lat.ci_target))
     return results
 
 
-def set_latency(m: Measurement, timings: dict[str, LatencyResult]) -> None:
+def set_latency(m: Measurement, timings: PairedLatency) -> None:
     """The latency metrics of a paired measurement (see :func:`paired_latency`)."""
-    v, b = timings["variant"], timings["baseline"]
+    v, b = timings.variant, timings.baseline
     m.latency_ms, m.latency_iqr_ms = v.median_ms, v.iqr_ms
     m.latency_baseline_ms = b.median_ms
-    m.latency_ratio = v.median_ms / b.median_ms
+    m.latency_ratio = timings.ratio.estimate
+    m.latency_ratio_lo, m.latency_ratio_hi = timings.ratio.lo, timings.ratio.hi
+    m.latency_noisy, m.latency_rounds = timings.noisy, timings.rounds
+    load = timings.load
+    m.load_avg_before, m.load_avg_after = load.get("load_avg_before"), load.get("load_avg_after")
+    m.cpu_steal = load.get("cpu_steal")
 
 
 def environment() -> dict[str, str]:

@@ -19,13 +19,13 @@ TINY_RECIPE: dict = {
     "data": {"corpus": "builtin", "vocab_size": 1024},
     "train": {
         "max_steps": 200,
+        "max_minutes": None,  # the same baseline on a busy machine, only later
         "batch_size": 8,
         "seq_len": 128,
         "lr": 3e-3,
         "warmup_steps": 20,
         "eval_every": 100,
         "eval_batches": 2,
-        "max_minutes": None,  # the step count decides, however busy the machine is
     },
     "eval": {
         "perplexity": {"split": "test", "seq_len": 128, "max_tokens": 8192},

@@ -11,13 +11,17 @@ never scored by it: with ``stride == seq_len`` (no overlap) the first token of e
 left out, as in the guide. The mean is weighted by the tokens actually scored (the guide's
 code subtracts one token per window from its count, which is exact only for the first window;
 compress counts exactly).
+
+Each window's summed NLL and scored-token count are returned too, in window order: the units a
+bootstrap resamples for the perplexity's confidence interval, and, paired window by window, for
+its difference to the baseline's (:mod:`compress.evaluate.uncertainty`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -36,9 +40,15 @@ class PerplexityResult:
     seq_len: int
     stride: int
     seconds: float
+    # Per scoring window, in window order: summed NLL (nats) and number of scored tokens.
+    window_nll: list[float] = field(default_factory=list, repr=False)
+    window_tokens: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Everything but the per-window lists (reports keep the summary)."""
+        out = asdict(self)
+        del out["window_nll"], out["window_tokens"]
+        return out
 
 
 def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -79,20 +89,20 @@ def perplexity(
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    total_nll = 0.0
-    total_tokens = 0
+    window_nll = [0.0] * len(spans)
+    window_tokens = [0] * len(spans)
     # Windows of one length are batched together (only the last can be shorter).
-    groups: dict[int, list[tuple[int, int, int]]] = {}
-    for span in spans:
-        groups.setdefault(span[1] - span[0], []).append(span)
+    groups: dict[int, list[tuple[int, int, int, int]]] = {}
+    for i, span in enumerate(spans):
+        groups.setdefault(span[1] - span[0], []).append((*span, i))
     for length, group in groups.items():
         offsets = torch.arange(length)
         positions = torch.arange(length - 1)
         for i in range(0, len(group), batch_size):
             gate.checkpoint()  # let a waiting latency measurement have the machine
             chunk = group[i : i + batch_size]
-            begins = torch.tensor([b for b, _, _ in chunk])
-            first = torch.tensor([s - b - 1 for b, _, s in chunk])  # first scored position
+            begins = torch.tensor([b for b, _, _, _ in chunk])
+            first = torch.tensor([s - b - 1 for b, _, s, _ in chunk])  # first scored position
             w = ids[begins[:, None] + offsets]  # (B, T)
             logits = model(w.to(device))[:, :-1]  # (B, T-1, V): position j predicts w[j+1]
             nll = (
@@ -105,10 +115,14 @@ def perplexity(
                 .cpu()
             )  # (B, T-1)
             mask = positions[None, :] >= first[:, None]  # (B, T-1)
-            total_nll += float(nll[mask].double().sum())
-            total_tokens += int(mask.sum())
+            sums = torch.where(mask, nll.double(), 0.0).sum(1)  # (B,)
+            counts = mask.sum(1)  # (B,)
+            for (_, _, _, w_index), w_sum, w_count in zip(chunk, sums, counts):
+                window_nll[w_index] = float(w_sum)
+                window_tokens[w_index] = int(w_count)
     model.train(was_training)
-    mean = total_nll / total_tokens
+    total_tokens = sum(window_tokens)
+    mean = math.fsum(window_nll) / total_tokens
     return PerplexityResult(
         perplexity=math.exp(mean),
         nll=mean,
@@ -117,4 +131,6 @@ def perplexity(
         seq_len=seq_len,
         stride=stride,
         seconds=time.perf_counter() - start,
+        window_nll=window_nll,
+        window_tokens=window_tokens,
     )

@@ -127,6 +127,12 @@ _SUMMARY_HEADERS: tuple[str, ...] = (
 )
 
 
+def _interval(row: dict, key: str, fmt: str) -> str:
+    """`` [lo, hi]`` of the 95% interval of ``key`` (``key_lo``/``key_hi``), or nothing."""
+    lo, hi = as_float(row.get(f"{key}_lo")), as_float(row.get(f"{key}_hi"))
+    return "" if lo is None or hi is None else f" [{lo:{fmt}}, {hi:{fmt}}]"
+
+
 def _summary_cells(row: dict) -> list[str]:
     median = as_float(row.get("latency_ms"))
     iqr = as_float(row.get("latency_iqr_ms"))
@@ -136,10 +142,13 @@ def _summary_cells(row: dict) -> list[str]:
         latency = f"{median:.2f}" + ("" if iqr is None else f" ± {iqr:.2f}")
     params = as_float(row.get("param_count"))
     return [
-        _num(row.get("perplexity"), ".2f"),
-        _num(row.get("perplexity_ratio"), ".3f"),
+        _num(row.get("perplexity"), ".2f") + _interval(row, "perplexity", ".2f"),
+        _num(row.get("perplexity_ratio"), ".3f")
+        + (" (within noise)" if row.get("ppl_within_noise") is True else ""),
         latency,
-        _num(row.get("latency_ratio"), ".3f"),
+        _num(row.get("latency_ratio"), ".3f")
+        + _interval(row, "latency_ratio", ".3f")
+        + (" NOISY" if row.get("latency_noisy") is True else ""),
         _num(row.get("weight_bytes"), ".2f", _MB),
         _num(row.get("weight_bytes_ratio"), ".3f"),
         _num(row.get("quantized_layer_bytes_ratio"), ".3f"),
@@ -188,7 +197,10 @@ def _summary_table(rows: Sequence[dict]) -> str:
         f"<tbody>{''.join(body)}</tbody></table></div>"
         '<p class="caption">Ratios are value / baseline value (first row). Quantized-layer '
         "ratio: weight bytes of the quantized layers / their fp32 size, within the same "
-        "variant. MB = 10<sup>6</sup> bytes. — means not measured.</p>"
+        "variant. MB = 10<sup>6</sup> bytes. — means not measured. [lo, hi]: bootstrap 95% "
+        "confidence interval. <b>within noise</b>: the interval of the perplexity's "
+        "difference to the baseline (same windows) contains 0. <b>NOISY</b>: the latency "
+        "ratio's interval stayed wider than the recipe's target; do not rank by it.</p>"
     )
 
 

@@ -98,8 +98,29 @@ def _vector(trial: Mapping[str, Any], keys: Sequence[str]) -> tuple[float, ...] 
     return tuple(out)
 
 
+def latency_noisy(trial: Mapping[str, Any]) -> bool:
+    """The trial's latency ratio was marked noisy: its confidence interval stayed wider than the
+    recipe's target (see the metric ``latency_noisy``)."""
+    return trial.get("latency_noisy") is True
+
+
+def _uses_latency(keys: Sequence[str]) -> bool:
+    return any(k.startswith("latency") for k in keys)
+
+
+def _trusted(trial: Mapping[str, Any], keys: Sequence[str]) -> bool:
+    """False for a trial with a noisy latency when ``keys`` judge it by latency: it is left off
+    the front and out of recommendations until it is measured again."""
+    return not (_uses_latency(keys) and latency_noisy(trial))
+
+
 def _front_eligible(trial: Mapping[str, Any], keys: Sequence[str]) -> bool:
-    return _complete(trial) and _feasible(trial) and _vector(trial, keys) is not None
+    return (
+        _complete(trial)
+        and _feasible(trial)
+        and _vector(trial, keys) is not None
+        and _trusted(trial, keys)
+    )
 
 
 def _kind(trial: Mapping[str, Any]) -> str:
@@ -195,7 +216,8 @@ def pareto_trials(
 ) -> list[int]:
     """Numbers of the trials on the Pareto front of `objectives` (keys, all minimised), in
     trial order. Only COMPLETE, feasible trials whose every objective value is finite take
-    part; failed, pruned, running and infeasible trials are never on the front."""
+    part; failed, pruned, running and infeasible trials are never on the front, nor a trial
+    whose latency is noisy when an objective is a latency."""
     keys = [key for key, _ in objectives]
     eligible = [t for t in trials if _front_eligible(t, keys)]
     points = [_vector(t, keys) for t in eligible]
@@ -262,9 +284,11 @@ def recommend(
     A recommendation is `{"name", "where": {metric: max, ...}, "minimize": metric}`. Its pick
     is the COMPLETE, feasible trial whose metrics are all present and at most their `where`
     maxima and whose `minimize` value is smallest (ties: lower perplexity, then lower trial
-    number). Each result has `name`, `criteria` (text), `minimize`, `trial` (number or None),
-    `seed`, `stages`, `value` (of `minimize`), `perplexity`, `candidates` (how many trials
-    qualified) and `note` (why there is no pick, else "").
+    number). A trial whose latency is noisy never qualifies when the recommendation involves a
+    latency metric. Each result has `name`, `criteria` (text), `minimize`, `trial` (number or
+    None), `seed`, `stages`, `value` (of `minimize`), `perplexity`, `candidates` (how many
+    trials qualified), `noisy_excluded` (trials left out for a noisy latency) and `note` (why
+    there is no pick, else "").
     """
     out: list[dict] = []
     for i, rec in enumerate(recommendations):
@@ -272,11 +296,15 @@ def recommend(
         key = rec["minimize"]
         bounds = {k: float(as_float(v)) for k, v in (rec.get("where") or {}).items()}
         candidates = []
+        noisy = 0
         for trial in trials:
             if not (_complete(trial) and _feasible(trial)):
                 continue
             value = trial_value(trial, key)
             if value is None:
+                continue
+            if not _trusted(trial, [key, *bounds]):
+                noisy += 1
                 continue
             if all((m := trial_value(trial, k)) is not None and m <= b for k, b in bounds.items()):
                 ppl = trial_value(trial, "perplexity")
@@ -292,6 +320,7 @@ def recommend(
             "value": None,
             "perplexity": None,
             "candidates": len(candidates),
+            "noisy_excluded": noisy,
             "note": "",
         }
         if candidates:
@@ -305,6 +334,15 @@ def recommend(
             )
         else:
             result["note"] = f"no COMPLETE feasible trial meets {result['criteria']}"
+        if noisy:
+            result["note"] = "; ".join(
+                n
+                for n in (
+                    result["note"],
+                    f"{noisy} trial(s) with a noisy latency left out (measure them again)",
+                )
+                if n
+            )
         out.append(result)
     return out
 
@@ -681,11 +719,14 @@ def _recommendations_html(picks: Sequence[Mapping[str, Any]]) -> str:
                 "minimised value": _cell(pick["value"]),
                 "perplexity": pick["perplexity"],
                 "qualifying trials": pick["candidates"],
+                "left out: noisy latency": pick.get("noisy_excluded") or None,
             }
         )
     return html_table(records) + _p(
         "The pick is the COMPLETE, feasible trial meeting every maximum with the smallest "
-        "minimised value (ties: lower perplexity)."
+        "minimised value (ties: lower perplexity). A trial whose latency ratio is noisy (its "
+        "95% interval wider than the recipe's target) is never picked by a latency criterion "
+        "until it is measured again."
     )
 
 
@@ -790,13 +831,17 @@ def _trials_html(
             "state": trial.get("state"),
             # Constraints are only judged on completed trials.
             "feasible": ("yes" if _feasible(trial) else "no") if _complete(trial) else None,
-            "front": "★" if trial.get("number") in members else "",
+            "front": "★"
+            if trial.get("number") in members
+            else ("noisy latency" if latency_noisy(trial) else ""),
             "stages": trial.get("stages") or ("(baseline)" if trial.get("seed") else ""),
         }
         record.update({label: _cell(trial_value(trial, key)) for key, label in objectives})
         for key in (
             "perplexity_ratio",
             "latency_ratio",
+            "latency_ratio_lo",
+            "latency_ratio_hi",
             "weight_bytes_ratio",
             "sparsity",
             "bits_per_weight",
@@ -808,7 +853,11 @@ def _trials_html(
         record["seconds"] = as_float(trial.get("seconds"))
         record["worker"] = trial.get("worker")
         records.append(record)
-    return html_table(records) + _p("★ = on the Pareto front of all objectives. — = not measured.")
+    return html_table(records) + _p(
+        "★ = on the Pareto front of all objectives. noisy latency = its latency ratio's 95% "
+        "interval stayed wider than the recipe's target, so it is kept off a front or pick "
+        "that involves latency until measured again. — = not measured."
+    )
 
 
 def _failed_html(trials: Sequence[Mapping[str, Any]]) -> str:

@@ -190,7 +190,11 @@ def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
     details = {
         "stage_reports": [r.to_dict() for r in res.stages],
         "perplexity": res.perplexity.to_dict() if res.perplexity else None,
-        "latency": {k: t.to_dict() for k, t in timings.items()},
+        "latency": {
+            "baseline": timings.baseline.to_dict(),
+            "variant": timings.variant.to_dict(),
+            **timings.to_dict(),
+        },
         "rss": res.rss,
     }
     return measured, details

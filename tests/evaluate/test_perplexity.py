@@ -92,3 +92,20 @@ def test_matches_hand_computed_token_weighted_nll(stride: int) -> None:
 def test_max_tokens_caps_the_stream() -> None:
     ids = torch.randint(0, 20, (500,))
     assert perplexity(Uniform(20), ids, 16, stride=8, max_tokens=100).tokens == 99
+
+
+@pytest.mark.parametrize("stride", [16, 7])
+def test_per_window_sums_add_up_in_window_order(stride: int) -> None:
+    ids = torch.randint(0, 20, (500,), generator=torch.Generator().manual_seed(2))
+    model = Bigram(20)
+    logp = F.log_softmax(model.table, dim=-1)
+    res = perplexity(model, ids, seq_len=16, stride=stride, batch_size=3)
+    spans = windows(500, 16, stride)
+    assert len(res.window_nll) == len(res.window_tokens) == res.windows == len(spans)
+    assert sum(res.window_tokens) == res.tokens
+    assert math.fsum(res.window_nll) / res.tokens == pytest.approx(res.nll, rel=1e-12)
+    for (_, end, score_from), nll, n in zip(spans, res.window_nll, res.window_tokens):
+        t = torch.arange(score_from, end)
+        assert n == end - score_from
+        assert nll == pytest.approx(-logp[ids[t - 1], ids[t]].double().sum().item(), rel=1e-6)
+    assert "window_nll" not in res.to_dict()
