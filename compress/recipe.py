@@ -4,6 +4,7 @@
     model: {preset: small}        # the built-in baseline GPT
     data: {corpus: builtin, vocab_size: 4096}
     train: {max_steps: 700}       # baseline training; cached under a key of all inputs
+    calibration: {split: train, samples: 128, seed: 0}   # for wanda/sparsegpt/gptq stages
     eval:
       perplexity: {split: test, seq_len: 256, stride: 256}
       latency: {batch_size: 8, seq_len: 256, threads: 2}
@@ -34,6 +35,7 @@ from pydantic import (
 )
 
 from compress.compressors import REGISTRY, StageConfig
+from compress.data.calibration import CalibrationSpec
 from compress.errors import RecipeError
 from compress.models.gpt import PRESETS
 from compress.sweep.space import (
@@ -183,6 +185,7 @@ class Recipe(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees one
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
+    calibration: CalibrationSpec = CalibrationSpec()  # a stage's `calibration:` overrides keys
     eval: EvalSpec = EvalSpec()
     variants: list[VariantSpec] = Field(default_factory=list)
     report: ReportSpec = ReportSpec()
