@@ -214,6 +214,7 @@ class Recipe(Strict):
             ("train.seq_len", self.train.seq_len),
             ("eval.perplexity.seq_len", self.eval.perplexity.seq_len),
             ("eval.latency.seq_len", self.eval.latency.seq_len),
+            ("calibration.seq_len", self.calibration.seq_len or 0),
         ):
             if n > block:
                 raise ValueError(

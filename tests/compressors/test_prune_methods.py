@@ -51,16 +51,13 @@ def _magnitude(w: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
     return w.masked_fill(mask, 0.0)
 
 
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+@pytest.mark.parametrize("sparsity, nm", [(0.5, None), (0.7, None), (0.5, (2, 4))])
 def test_sparsegpt_beats_magnitude_on_random_inputs(sparsity, nm) -> None:
-    if nm and sparsity != 0.5:
-        pytest.skip("2:4 fixes the sparsity at 0.5")
     w, H = _inputs(outliers=False)
     new = sparsegpt(w, H, sparsity, nm, blocksize=32)
     assert int((new == 0).sum()) == round(sparsity * w.numel())
     mag = output_error(w, _magnitude(w, sparsity, nm), H)
-    assert output_error(w, new, H) < 0.7 * mag
+    assert output_error(w, new, H) < 0.8 * mag
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4)])
@@ -175,3 +172,5 @@ def test_recipe_calibration_section_reaches_the_stage_context() -> None:
     assert recipe.calibration == CalibrationSpec(samples=32, seq_len=64)
     with pytest.raises(CompressError, match=r"r.yaml: calibration.split: Input should be"):
         recipe_from_dict({"calibration": {"split": "dev"}}, "r.yaml", "r")
+    with pytest.raises(CompressError, match=r"calibration.seq_len = 512 exceeds the 'small'"):
+        recipe_from_dict({"calibration": {"seq_len": 512}}, "r.yaml", "r")
