@@ -4,6 +4,7 @@
     model: {preset: small}        # the built-in baseline GPT
     data: {corpus: builtin, vocab_size: 4096}
     train: {max_steps: 700}       # baseline training; cached under a key of all inputs
+    calibration: {split: train, samples: 128, seed: 0}   # for wanda/sparsegpt/gptq stages
     eval:
       perplexity: {split: test, seq_len: 256, stride: 256}
       latency: {batch_size: 8, seq_len: 256, threads: 2}
@@ -34,6 +35,7 @@ from pydantic import (
 )
 
 from compress.compressors import REGISTRY, StageConfig
+from compress.data.calibration import CalibrationSpec
 from compress.errors import RecipeError
 from compress.models.gpt import PRESETS
 from compress.safe_yaml import load_yaml
@@ -198,6 +200,7 @@ class Recipe(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees one
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
+    calibration: CalibrationSpec = CalibrationSpec()  # a stage's `calibration:` overrides keys
     eval: EvalSpec = EvalSpec()
     variants: list[VariantSpec] = Field(default_factory=list)
     report: ReportSpec = ReportSpec()
@@ -239,6 +242,7 @@ class Recipe(Strict):
             ("eval.perplexity.seq_len", self.eval.perplexity.seq_len),
             ("eval.latency.seq_len", self.eval.latency.seq_len),
             *stage_seq_lens(self),
+            ("calibration.seq_len", self.calibration.seq_len or 0),
         ):
             if n > block:
                 raise ValueError(

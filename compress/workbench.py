@@ -204,6 +204,15 @@ def _check_context(recipe: Recipe, max_len: int | None) -> None:
         ("eval.perplexity.seq_len", recipe.eval.perplexity.seq_len),
         ("eval.latency.seq_len", recipe.eval.latency.seq_len),
     ]
+    if recipe.calibration.seq_len is not None:
+        asks.append(("calibration.seq_len", recipe.calibration.seq_len))
+    for i, variant in enumerate(recipe.variants):
+        for j, item in enumerate(variant.pipeline):
+            ((name, settings),) = item.items()
+            calib = settings.get("calibration") if isinstance(settings, dict) else None
+            if isinstance(calib, dict) and isinstance(calib.get("seq_len"), int):
+                key = f"variants[{i}].pipeline[{j}].{name}.calibration.seq_len"
+                asks.append((key, calib["seq_len"]))
     for key, n in [*asks, *stage_seq_lens(recipe)]:
         if n > max_len:
             raise CompressError(f"{key} = {n} exceeds the model's context length {max_len}")
@@ -223,7 +232,14 @@ def build_variant(
     if variant.start not in models:
         raise CompressError(f"starts from {variant.start!r}, which failed")
     model = copy.deepcopy(models[variant.start]).eval()
-    ctx = StageContext(seed=ws.recipe.seed, tokens=ws.tokens, models=models, progress=progress)
+    ctx = StageContext(
+        seed=ws.recipe.seed,
+        tokens=ws.tokens,
+        models=models,
+        progress=progress,
+        calibration=ws.recipe.calibration,
+        fingerprint=f"{ws.corpus.fingerprint}:{ws.tokenizer.fingerprint}",
+    )
     reports = []
     for stage in variant_stages(variant):
         torch.manual_seed(ws.recipe.seed)

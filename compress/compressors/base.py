@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
+from compress.data.calibration import CalibrationSpec
 from compress.evaluate.memory import module_weight_bytes, param_count
 
 
@@ -40,12 +41,16 @@ class StageContext:
     ``tokens`` maps split names to 1-D token tensors; ``models`` holds the models built so far in
     this run by variant name ("baseline" first), e.g. teachers for distillation; ``seed`` makes
     stochastic stages reproducible; ``progress`` shows progress bars for long stages.
+    ``calibration`` is the recipe's calibration setting (a stage may override it) and
+    ``fingerprint`` identifies the corpus and tokenizer that made ``tokens`` (cache keys).
     """
 
     seed: int = 0
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     models: dict[str, nn.Module] = field(default_factory=dict)
     progress: bool = False
+    calibration: CalibrationSpec | None = None
+    fingerprint: str = ""
 
 
 @dataclass
