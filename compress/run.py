@@ -23,6 +23,7 @@ from compress.preflight import check_output
 from compress.recipe import Recipe, load_recipe
 from compress.report import add_ratios, dashboard_command, html_table, write_report
 from compress.runtime import tune_allocator
+from compress.sanity import baseline_note
 from compress.workbench import VariantResult, Workspace, environment, prepare, run_variants
 
 log = logging.getLogger("compress")
@@ -204,6 +205,23 @@ def _sections(
     return sections
 
 
+def _notes(ws: Workspace, baseline_ppl: float | None) -> list[str]:
+    """What makes this run's numbers mean less (each also a warning in the terminal)."""
+    split = ws.recipe.eval.perplexity.split
+    notes = list(ws.corpus.notes)
+    if note := baseline_note(baseline_ppl, ws.unigram_perplexity, split):
+        log.warning("%s", note)
+        notes.append(note)
+    return notes
+
+
+def _notes_section(notes: list[str]) -> list[tuple[str, str]]:
+    if not notes:
+        return []
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return [("Notes", f"<ul>{items}</ul>")]
+
+
 def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
     return {
         "recipe": ws.recipe.name,
@@ -255,6 +273,7 @@ def run(
     print(f"{ws.baseline_info.headline()}; setup {ws.setup_seconds:.1f} s", flush=True)
     results = run_variants(ws, out_dir, progress=progress)
     rows = [r.row for r in results]
+    notes = _notes(ws, rows[0].get("perplexity"))
     recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     seconds = time.perf_counter() - start
     paths = write_report(
@@ -262,10 +281,10 @@ def run(
         rows,
         name=recipe.name,
         recipe_text=recipe_text,
-        meta=_meta(ws, results, seconds),
+        meta={**_meta(ws, results, seconds), "notes": notes},
         definitions=DEFINITIONS,
         environment={**environment(), "allocator": allocator},
-        sections=_sections(ws, results, add_ratios(rows)),
+        sections=_notes_section(notes) + _sections(ws, results, add_ratios(rows)),
     )
     rows = add_ratios(rows)
     print()

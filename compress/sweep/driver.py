@@ -14,6 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 import torch
@@ -22,6 +23,7 @@ from optuna.trial import TrialState
 from compress import gate
 from compress.recipe import Recipe
 from compress.report.sweep import METRIC_KEYS, SweepAnalysis, analyse, write_sweep_report
+from compress.sanity import baseline_note
 from compress.storage import ARTIFACT_DIR, SWEEP_FILE, mask_url
 from compress.sweep.runner import (
     INIT_ATTR,
@@ -42,6 +44,9 @@ from compress.sweep.runner import (
     study_name,
 )
 from compress.sweep.space import METRICS, SweepSpec, default_recommendations
+
+if TYPE_CHECKING:
+    from compress.workbench import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +319,8 @@ def run_sweep(
             if ws.baseline_info.train is None
             else {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
         },
+        "unigram_perplexity": None if ws is None else ws.unigram_perplexity,
+        "notes": [] if ws is None else _notes(st, ws),
         "workers": workers,
         "seconds": seconds,
         "interrupted": interrupted,
@@ -322,6 +329,18 @@ def run_sweep(
     trials, paths, analysis = write_report(st, recipe, out_dir, url, meta)
     rdb.engine.dispose()
     return SweepOutcome(st, trials, url, paths, seconds, ran, interrupted, failed_workers, analysis)
+
+
+def _notes(study: optuna.Study, ws: Workspace) -> list[str]:
+    """What makes the sweep's numbers mean less (each also a warning in the terminal): the
+    corpus's notes, and a baseline (trial 0) no better than the unigram model."""
+    notes = list(ws.corpus.notes)
+    base = next(iter(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), None)
+    ppl = base.user_attrs.get("perplexity") if base is not None and base.number == 0 else None
+    if note := baseline_note(ppl, ws.unigram_perplexity, ws.recipe.eval.perplexity.split):
+        log.warning("%s", note)
+        notes.append(note)
+    return notes
 
 
 def summary(outcome: SweepOutcome, spec: SweepSpec) -> str:
