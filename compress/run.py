@@ -23,7 +23,6 @@ from compress.preflight import check_output
 from compress.recipe import Recipe, load_recipe
 from compress.report import add_ratios, dashboard_command, html_table, write_report
 from compress.runtime import tune_allocator
-from compress.sanity import baseline_note
 from compress.workbench import VariantResult, Workspace, environment, prepare, run_variants
 
 log = logging.getLogger("compress")
@@ -186,6 +185,7 @@ def _sections(
         },
     ]
     sections = [
+        *_notes_section(run_notes(ws, ppl)),
         ("Baseline", html_table(baseline_rows)),
         ("Data and measurement settings", html_table(setup_rows)),
     ]
@@ -205,14 +205,14 @@ def _sections(
     return sections
 
 
-def _notes(ws: Workspace, baseline_ppl: float | None) -> list[str]:
-    """What makes this run's numbers mean less (each also a warning in the terminal)."""
+def run_notes(ws: Workspace, baseline_ppl: float | None) -> list[str]:
+    """What makes this run's numbers mean less: the corpus's notes (a file that looks binary)
+    and a baseline no better than the unigram model (see :mod:`compress.sanity`)."""
+    from compress.sanity import baseline_note
+
     split = ws.recipe.eval.perplexity.split
-    notes = list(ws.corpus.notes)
-    if note := baseline_note(baseline_ppl, ws.unigram_perplexity, split):
-        log.warning("%s", note)
-        notes.append(note)
-    return notes
+    note = baseline_note(baseline_ppl, ws.unigram_perplexity, split)
+    return [*ws.corpus.notes, *([note] if note else [])]
 
 
 def _notes_section(notes: list[str]) -> list[tuple[str, str]]:
@@ -223,6 +223,11 @@ def _notes_section(notes: list[str]) -> list[tuple[str, str]]:
 
 
 def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
+    """The report's metadata; its notes are also warned about here, once per run (the corpus
+    warned about its own when it was read)."""
+    notes = run_notes(ws, results[0].measurement.perplexity)
+    for note in notes[len(ws.corpus.notes) :]:
+        log.warning("%s", note)
     return {
         "recipe": ws.recipe.name,
         "corpus": {"description": ws.corpus.description, "fingerprint": ws.corpus.fingerprint},
@@ -240,6 +245,7 @@ def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
             else {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
         },
         "unigram_perplexity": ws.unigram_perplexity,
+        "notes": notes,
         "setup_seconds": ws.setup_seconds,
         "total_seconds": seconds,
         "variants": {
@@ -273,7 +279,6 @@ def run(
     print(f"{ws.baseline_info.headline()}; setup {ws.setup_seconds:.1f} s", flush=True)
     results = run_variants(ws, out_dir, progress=progress)
     rows = [r.row for r in results]
-    notes = _notes(ws, rows[0].get("perplexity"))
     recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     seconds = time.perf_counter() - start
     paths = write_report(
@@ -281,10 +286,10 @@ def run(
         rows,
         name=recipe.name,
         recipe_text=recipe_text,
-        meta={**_meta(ws, results, seconds), "notes": notes},
+        meta=_meta(ws, results, seconds),
         definitions=DEFINITIONS,
         environment={**environment(), "allocator": allocator},
-        sections=_notes_section(notes) + _sections(ws, results, add_ratios(rows)),
+        sections=_sections(ws, results, add_ratios(rows)),
     )
     rows = add_ratios(rows)
     print()

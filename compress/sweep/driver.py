@@ -14,7 +14,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import optuna
 import torch
@@ -23,7 +22,6 @@ from optuna.trial import TrialState
 from compress import gate
 from compress.recipe import Recipe
 from compress.report.sweep import METRIC_KEYS, SweepAnalysis, analyse, write_sweep_report
-from compress.sanity import baseline_note
 from compress.storage import ARTIFACT_DIR, SWEEP_FILE, mask_url
 from compress.sweep.runner import (
     INIT_ATTR,
@@ -44,9 +42,6 @@ from compress.sweep.runner import (
     study_name,
 )
 from compress.sweep.space import METRICS, SweepSpec, default_recommendations
-
-if TYPE_CHECKING:
-    from compress.workbench import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +315,9 @@ def run_sweep(
             else {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
         },
         "unigram_perplexity": None if ws is None else ws.unigram_perplexity,
-        "notes": [] if ws is None else _notes(st, ws),
+        "notes": []
+        if ws is None
+        else _notes(st, ws.corpus.notes, ws.unigram_perplexity, recipe.eval.perplexity.split),
         "workers": workers,
         "seconds": seconds,
         "interrupted": interrupted,
@@ -331,13 +328,17 @@ def run_sweep(
     return SweepOutcome(st, trials, url, paths, seconds, ran, interrupted, failed_workers, analysis)
 
 
-def _notes(study: optuna.Study, ws: Workspace) -> list[str]:
+def _notes(
+    study: optuna.Study, corpus_notes: tuple[str, ...], unigram: float, split: str
+) -> list[str]:
     """What makes the sweep's numbers mean less (each also a warning in the terminal): the
     corpus's notes, and a baseline (trial 0) no better than the unigram model."""
-    notes = list(ws.corpus.notes)
+    from compress.sanity import baseline_note
+
+    notes = list(corpus_notes)
     base = next(iter(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), None)
     ppl = base.user_attrs.get("perplexity") if base is not None and base.number == 0 else None
-    if note := baseline_note(ppl, ws.unigram_perplexity, ws.recipe.eval.perplexity.split):
+    if note := baseline_note(ppl, unigram, split):
         log.warning("%s", note)
         notes.append(note)
     return notes
