@@ -237,6 +237,7 @@ def _sections(
         },
     ]
     sections = [
+        *_notes_section(run_notes(ws, ppl)),
         ("Baseline", html_table(baseline_rows)),
         ("Data and measurement settings", html_table(setup_rows)),
     ]
@@ -256,7 +257,29 @@ def _sections(
     return sections
 
 
+def run_notes(ws: Workspace, baseline_ppl: float | None) -> list[str]:
+    """What makes this run's numbers mean less: the corpus's notes (a file that looks binary)
+    and a baseline no better than the unigram model (see :mod:`compress.sanity`)."""
+    from compress.sanity import baseline_note
+
+    split = ws.recipe.eval.perplexity.split
+    note = baseline_note(baseline_ppl, ws.unigram_perplexity, split)
+    return [*ws.corpus.notes, *([note] if note else [])]
+
+
+def _notes_section(notes: list[str]) -> list[tuple[str, str]]:
+    if not notes:
+        return []
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return [("Notes", f"<ul>{items}</ul>")]
+
+
 def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
+    """The report's metadata; its notes are also warned about here, once per run (the corpus
+    warned about its own when it was read)."""
+    notes = run_notes(ws, results[0].measurement.perplexity)
+    for note in notes[len(ws.corpus.notes) :]:
+        log.warning("%s", note)
     return {
         "recipe": ws.recipe.name,
         "corpus": {"description": ws.corpus.description, "fingerprint": ws.corpus.fingerprint},
@@ -274,6 +297,7 @@ def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
             else {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
         },
         "unigram_perplexity": ws.unigram_perplexity,
+        "notes": notes,
         "setup_seconds": ws.setup_seconds,
         "total_seconds": seconds,
         "variants": {

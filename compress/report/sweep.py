@@ -1016,6 +1016,9 @@ def write_sweep_report(
         ("Parameter importances", _importance_html(importances, objectives, importance_note)),
         ("All trials", _trials_html(trials, objectives, front_set)),
     ]
+    if meta.get("notes"):  # what makes the numbers mean less (see compress.sanity)
+        items = "".join(f"<li>{html.escape(str(n))}</li>" for n in meta["notes"])
+        sections.insert(0, ("Notes", f"<ul>{items}</ul>"))
     if failed:
         sections.append((f"Failed trials ({len(failed)})", _failed_html(failed)))
     sections.append(

@@ -321,6 +321,10 @@ def run_sweep(
             if ws.baseline_info.train is None
             else {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
         },
+        "unigram_perplexity": None if ws is None else ws.unigram_perplexity,
+        "notes": []
+        if ws is None
+        else _notes(st, ws.corpus.notes, ws.unigram_perplexity, recipe.eval.perplexity.split),
         "workers": workers,
         "seconds": seconds,
         "interrupted": interrupted,
@@ -329,6 +333,22 @@ def run_sweep(
     trials, paths, analysis = write_report(st, recipe, out_dir, url, meta)
     rdb.engine.dispose()
     return SweepOutcome(st, trials, url, paths, seconds, ran, interrupted, failed_workers, analysis)
+
+
+def _notes(
+    study: optuna.Study, corpus_notes: tuple[str, ...], unigram: float, split: str
+) -> list[str]:
+    """What makes the sweep's numbers mean less (each also a warning in the terminal): the
+    corpus's notes, and a baseline (trial 0) no better than the unigram model."""
+    from compress.sanity import baseline_note
+
+    notes = list(corpus_notes)
+    base = next(iter(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), None)
+    ppl = base.user_attrs.get("perplexity") if base is not None and base.number == 0 else None
+    if note := baseline_note(ppl, unigram, split):
+        log.warning("%s", note)
+        notes.append(note)
+    return notes
 
 
 def summary(outcome: SweepOutcome, spec: SweepSpec) -> str:
