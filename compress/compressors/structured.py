@@ -1,6 +1,16 @@
 """Structured pruning with torch-pruning: remove whole attention heads, MLP hidden channels and
 (optionally) residual channels.
 
+Two drivers share the config, the widths (:func:`target_widths`) and the report. The built-in
+GPT is pruned through torch-pruning's dependency graph, as described below. Every other family
+with a layout (GPT-2, OPT, the Llama family) is cut by
+:mod:`compress.compressors.structured_layout`: groups from the adapter's block layout (grouped-
+query attention kept consistent, fused ``q|k|v`` cut head by head, gate/up/down together), then
+``adapter.sync_config`` so the model's config (and ``from_pretrained``) describes it. What a
+family's config cannot describe is refused before anything is cut
+(``adapter.structured_refusal``): GPT-2's and OPT's heads (their head width is hidden / heads)
+and the residual width of Hugging Face models.
+
 Unlike unstructured sparsity, the result is a physically smaller dense model: every block keeps
 ``n_head * (1 - ratio)`` heads (each still ``head_dim`` wide) and ``mlp_hidden * (1 - ratio)``
 MLP channels, rounded as described in :func:`target_widths`. With ``residual_ratio`` 0 (the

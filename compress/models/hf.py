@@ -289,7 +289,7 @@ class HFAdapter(ModelAdapter):
     def transformers_export(self, model: nn.Module, path: Path) -> dict | None:
         from compress.models.hf_export import export_status, write_quantization_config
 
-        status = export_status(model, PREFIX)
+        status = export_status(model, PREFIX, self.lm_head(model))
         if "quantization_config" in status:
             write_quantization_config(path, status["quantization_config"])
         return status

@@ -56,9 +56,10 @@ def _bnb_setting(m: nn.Module) -> dict | None:
     return None
 
 
-def export_status(model: nn.Module, root: str) -> dict:
+def export_status(model: nn.Module, root: str, lm_head: str | None = None) -> dict:
     """``{"from_pretrained": bool, "reason"?: str, "quantization_config"?: dict, "note"?: str}``
-    for the HF model wrapped in ``model`` (module names start with ``root + "."``)."""
+    for the HF model wrapped in ``model`` (module names start with ``root + "."``; ``lm_head``
+    is the output projection's full name)."""
     lead = root + "."
     settings: dict[str, dict] = {}
     plain: list[str] = []
@@ -79,6 +80,12 @@ def export_status(model: nn.Module, root: str) -> dict:
                 "transformers quantizer reads; load it with compress.variant.load_variant",
             }
         if (setting := _bnb_setting(m)) is not None:
+            if name == lm_head:
+                return {
+                    "from_pretrained": False,
+                    "reason": f"{short} (the LM head) is quantized; transformers' bitsandbytes "
+                    "loader always keeps the LM head in float",
+                }
             settings[short] = setting
         elif type(m) is nn.Linear:
             plain.append(short)
