@@ -3,9 +3,14 @@ ones, and the local worker processes of ``--workers N``.
 
     open the study (see :mod:`compress.sweep.study`)
     the first worker: baseline -> trial 0, seed variants queued as the next trials
-    every worker: ask -> the objective (:mod:`compress.sweep.objective`) -> tell; until
-                  `trials` complete
+    every worker: claim a trial (:mod:`compress.sweep.claims`) -> the objective
+                  (:mod:`compress.sweep.objective`), heartbeating -> tell; until `trials`
+                  complete, waiting while every trial of the budget is claimed
     the report reads every trial back from the study
+
+A worker whose trial another worker failed meanwhile (its heartbeat went stale) says so in
+one line and goes on. The parent of local workers passes their stderr through, keeps each
+one's last line, and reports a worker that dies with it.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from compress import run as run_mod
 from compress.sweep import objective, runner
+from compress.sweep.driver import collect_trials
 from tests.sweep.conftest import (
     running_trial,
     slow_sweep_recipe,
@@ -120,8 +121,15 @@ def test_sweep_seeds_resumes_and_never_recomputes(
     assert len(sweep_study(out).trials) == 8
 
     # raising the budget continues the same study; earlier trials are left as they were, and
-    # a configuration proposed again (here: int8's, queued by hand) reuses its result
+    # a configuration proposed again (here: int8's, queued by hand) reuses its result, while
+    # a new one (also queued by hand: the sampler may well propose only repeats) is measured
     sweep_study(out).enqueue_trial(t1.params)
+    fresh = next(
+        p
+        for p in ({"prune": True, "sparsity": x / 10, "quantizer": "int8"} for x in range(2, 9))
+        if p not in [t.params for t in done]
+    )
+    sweep_study(out).enqueue_trial(fresh)
     bigger = write_recipe(tmp_path / "more.yaml", sweep_recipe(trials=11))
     calls = _count_measure(monkeypatch)
     assert (
@@ -135,8 +143,15 @@ def test_sweep_seeds_resumes_and_never_recomputes(
     assert [t.values for t in again[:8]] == [t.values for t in trials]
     assert again[8].params == t1.params and again[8].user_attrs["cached_from"] == "trial 1"
     assert again[8].values == t1.values
+    assert again[9].params == fresh and again[9].user_attrs["cached_from"] is None
     known, ws = set(keys), _ws()
     assert calls and all(objective.config_key(ws, p) not in known for p in calls)
+
+
+def sweep_spec(path: Path):
+    from compress.recipe import load_recipe
+
+    return load_recipe(path).sweep
 
 
 def _ws():
@@ -332,6 +347,50 @@ def _fail_while_stopped(pid: int, url: str, trial: optuna.trial.FrozenTrial) -> 
         os.kill(pid, signal.SIGCONT)
 
 
+def test_a_trial_taken_from_its_worker_is_reused_by_its_retry(
+    sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """As if the worker had been stopped past the heartbeat grace: while it measures the int8
+    seed, another worker fails the trial and queues it again. The worker says so in one
+    line, keeps the measurement in the result cache and goes on; the retry reuses it."""
+    from compress.sweep.claims import requeue
+
+    out = tmp_path / "report"
+    taken: list[int] = []
+
+    def take_away(pipeline, n):
+        if pipeline == [{"int8": {}}] and not taken:
+            study = sweep_study(out)
+            (trial,) = study.get_trials(states=(TrialState.RUNNING,))
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            requeue(study, trial, "worker elsewhere:1 sent no heartbeat for 10 s")
+            taken.append(trial.number)
+        return None
+
+    calls = _count_measure(monkeypatch, take_away)
+    path = write_recipe(tmp_path / "lost.yaml", sweep_recipe(trials=4))
+    assert run_mod.main([str(path), "--report-dir", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    (number,) = taken
+    worker = sweep_study(out).get_trials()[number].user_attrs["worker"]
+    assert (
+        f"trial {number} ({worker}): another worker failed it while it ran here (no heartbeat "
+        "within the grace period); its result is in the result cache for the retry"
+    ) in text
+    trials = sweep_study(out).get_trials()
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == number]
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[number].params
+    assert retry.user_attrs["cached_from"] == "cache"
+    assert sum(p == [{"int8": {}}] for p in calls) == 1  # measured once, by the first try
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    collected = {r["number"]: r for r in collect_trials(sweep_study(out), sweep_spec(path))}
+    assert collected[number]["error"] == (
+        f"worker elsewhere:1 sent no heartbeat for 10 s; queued again as trial {retry.number}"
+    )
+
+
+@pytest.mark.slow
 def test_a_worker_stopped_past_the_grace_goes_on_and_its_result_is_reused(
     tmp_path: Path, tiny_workspace
 ) -> None:
