@@ -302,6 +302,8 @@ class _FakeWorkspace:
         description = "fake"
 
     class baseline_info:
+        partial = False  # a baseline whose training was cut short
+
         @staticmethod
         def headline() -> str:
             return "baseline: fake"
