@@ -253,11 +253,11 @@ def _full_disk_test(old_report: tuple[Path, Path], every: bool) -> None:
         elif code == 2:  # a ReportFolderError: one line at the CLI, exit 2
             assert which == "old" and _files(out) == before, where
             failed += 1
-        else:  # the error was absorbed (mkdir of a folder that exists): the run went on
-            assert code == 0 and which == "new", f"{where}: exit {code}"
+        else:  # only a mkdir of a folder that exists may absorb the error and go on
+            assert code == 0 and which == "new" and events[i] == "os.mkdir", f"{where}: {code}"
         assert _leftovers(out) == [], f"write {i}: the staging folder was left behind"
         _restore(out, pristine)
-    assert failed >= len([i for i in points if i <= swap]) - 2  # nearly every write fails it
+    assert failed >= 3  # the points include writes of files, a rename and the swap
 
 
 def test_a_full_disk_at_the_report_write_points_keeps_the_previous_report(old_report) -> None:
@@ -302,6 +302,8 @@ class _FakeWorkspace:
         description = "fake"
 
     class baseline_info:
+        partial = False  # a baseline whose training was cut short
+
         @staticmethod
         def headline() -> str:
             return "baseline: fake"
