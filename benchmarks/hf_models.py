@@ -140,6 +140,7 @@ def run(family: str, model_dir: Path, work: Path) -> dict:
     cmd = [sys.executable, "-m", "compress.run", str(path), "--report-dir", str(out)]
     # One thread throughout (see build_models); the latency settings say so too.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    load = [os.getloadavg()[0]]
     t0 = time.perf_counter()
     proc = subprocess.run(
         [*cmd, "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True
@@ -148,8 +149,14 @@ def run(family: str, model_dir: Path, work: Path) -> dict:
     print(proc.stdout, flush=True)
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{family}: exit {proc.returncode}\n{proc.stderr}")
+    load.append(os.getloadavg()[0])
     data = json.loads((out / "results.json").read_text())
-    return {"wall_s": wall, "rows": data["rows"], "baseline": data["meta"]["baseline"]}
+    return {
+        "wall_s": wall,
+        "rows": data["rows"],
+        "baseline": data["meta"]["baseline"],
+        "load": load,
+    }
 
 
 def main() -> None:
@@ -216,7 +223,9 @@ def write_results(out: Path, runs: dict[str, dict], train_s: dict, steps: int) -
             f"## {family}",
             "",
             f"Training {train_s[family]:.0f} s; run {run['wall_s']:.0f} s; "
-            f"baseline {run['baseline']['description']}.",
+            f"baseline {run['baseline']['description']}. Load average (1 min) at the run's start "
+            f"and end: {run['load'][0]:.1f} and {run['load'][1]:.1f} on {os.cpu_count()} cores "
+            "(latency spreads grow with it).",
             "",
             "| variant | stages | perplexity | ppl x | latency ms (IQR) | latency x | weight bytes "
             "| weight x | params | sparsity | status |",

@@ -95,6 +95,20 @@ def _own_hwm() -> int:
     return _status_kb(Path("/proc/self/status"), "VmHWM") * 1024
 
 
+def probe_all(variants: Path, run: dict) -> dict[str, dict]:
+    """:func:`probe` of every saved variant of the run, one fresh process at a time."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    out = {}
+    for r in run["rows"]:
+        if r["status"] != "ok":
+            continue
+        cmd = [sys.executable, __file__, "--probe-one", str(variants / r["variant"])]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        out[r["variant"]] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"probed {r['variant']}", flush=True)
+    return out
+
+
 def _status_kb(path: Path, key: str) -> int:
     try:
         for line in path.read_text().splitlines():
@@ -178,6 +192,37 @@ def follow(cmd: list[str], env: dict) -> dict:
     return {"wall_s": wall, "run_peak_rss_bytes": hwm, "phases": phases, "rc": proc.returncode}
 
 
+def probe(variant_dir: Path) -> None:
+    """In this (fresh) process: import what the variant needs, load it, run one forward pass at
+    the benchmark's latency shape; print RSS split into anonymous and file-backed pages
+    (/proc/self/status RssAnon, RssFile) after each step, as one JSON line."""
+    import torch
+
+    from compress.models.adapter import adapter_for
+    from compress.models.hf import import_transformers
+    from compress.variant import BNB_KINDS, MANIFEST, load_variant
+
+    def split() -> dict:
+        status = Path("/proc/self/status")
+        return {k: _status_kb(status, k) * 1024 for k in ("RssAnon", "RssFile")}
+
+    torch.set_num_threads(2)
+    manifest = json.loads((variant_dir / MANIFEST).read_text())
+    if any(q["kind"] in BNB_KINDS for q in manifest["quantized"].values()):
+        from compress._bnb import import_bnb
+
+        import_bnb()
+    import_transformers().AutoModelForCausalLM  # noqa: B018
+    out = {"import": split()}
+    model = load_variant(variant_dir)
+    out["load"] = split()
+    x = torch.randint(0, adapter_for(model).vocab_size(model), (1, 64))
+    with torch.inference_mode():
+        model(x)
+    out["forward"] = split()
+    print(json.dumps(out))
+
+
 def free_gib() -> float:
     return _status_kb(Path("/proc/meminfo"), "MemAvailable") / (1 << 20)
 
@@ -188,6 +233,13 @@ def main() -> None:
     p.add_argument("--work-dir", type=Path, help="keep the model and reports here")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--probe-one", type=Path, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="after the run (or with --rewrite): anonymous vs file-backed RSS of each saved "
+        "variant, one fresh process each",
+    )
     p.add_argument(
         "--rewrite", action="store_true", help="rewrite the results from WORK_DIR's last runs"
     )
@@ -195,12 +247,18 @@ def main() -> None:
     if args.build_only:
         build(args.build_only)
         return
+    if args.probe_one:
+        probe(args.probe_one)
+        return
     if args.rewrite:
         if args.work_dir is None:
             p.error("--rewrite needs --work-dir")
         model_dir = args.work_dir / "tinyllama-shape-random"
         built = json.loads((model_dir / "scale-build.json").read_text())
         run = json.loads((args.work_dir / "scale-run.json").read_text())
+        if args.probe:
+            run["probe"] = probe_all(args.work_dir / "report" / "variants", run)
+            (args.work_dir / "scale-run.json").write_text(json.dumps(run, indent=2))
         write_results(args.out, built, run)
         return
     if free_gib() < NEED_FREE_GIB:
@@ -225,6 +283,8 @@ def main() -> None:
         print(f"running {', '.join(args.variants)} ({free_gib():.1f} GiB available)", flush=True)
         run = follow([*cmd, "--no-progress", "-v"], env)
         run["rows"] = json.loads((out / "results.json").read_text())["rows"]
+        if args.probe:
+            run["probe"] = probe_all(out / "variants", run)
         (work / "scale-run.json").write_text(json.dumps(run, indent=2))
     finally:
         if args.work_dir is None:
@@ -297,25 +357,40 @@ def markdown(built: dict, run: dict, rows: dict[str, dict], stamp: dict) -> str:
         "The run measures every variant's memory in a fresh child process that imports torch "
         "(and bitsandbytes, transformers where the variant needs them), loads the saved variant "
         "and runs one forward pass at the latency shape. `model RSS` = peak - RSS after the "
-        "imports; `load overhead` = RSS after load - RSS after import - weight bytes; `forward` = "
-        "peak - RSS after load.",
+        "imports.",
         "",
         "| variant | weights GiB | weights x fp32 | after import GiB | after load GiB | peak GiB "
-        "| model RSS GiB | model RSS x fp32 weights | load overhead GiB | forward GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model RSS GiB | model RSS x fp32 weights |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         if r.get("status") != "ok":
-            lines.append(f"| {name} | failed: {r.get('error')} |||||||||")
+            lines.append(f"| {name} | failed: {r.get('error')} |||||||")
             continue
-        over = r["rss_after_load_bytes"] - r["rss_after_import_bytes"] - r["weight_bytes"]
-        fwd = r["peak_rss_bytes"] - r["rss_after_load_bytes"]
         lines.append(
             f"| {name} | {_gib(r['weight_bytes'])} | {r['weight_bytes'] / fp32:.3f} "
             f"| {_gib(r['rss_after_import_bytes'])} | {_gib(r['rss_after_load_bytes'])} "
             f"| {_gib(r['peak_rss_bytes'])} | {_gib(r['model_rss_bytes'])} "
-            f"| {r['model_rss_bytes'] / fp32:.3f} | {_gib(over)} | {_gib(fwd)} |"
+            f"| {r['model_rss_bytes'] / fp32:.3f} |"
         )
+    probe = run.get("probe") or {}
+    if probe:
+        lines += [
+            "",
+            "The same saved variants loaded again, one fresh process each (`scale.py --probe`), "
+            "with the resident set split into anonymous memory and file-backed pages "
+            "(RssAnon, RssFile of /proc/self/status):",
+            "",
+            "| variant | anon after import | file after import | anon after load "
+            "| file after load | anon after forward | file after forward |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, p in probe.items():
+            cells = " | ".join(
+                f"{_gib(p[step]['RssAnon'])} | {_gib(p[step]['RssFile'])}"
+                for step in ("import", "load", "forward")
+            )
+            lines.append(f"| {name} | {cells} |")
     lines += [
         "",
         "## The run's own process",
@@ -343,50 +418,85 @@ def markdown(built: dict, run: dict, rows: dict[str, dict], stamp: dict) -> str:
 def analysis(built: dict, run: dict, rows: dict[str, dict]) -> list[str]:
     """The breakdown, each number from the tables above."""
     fp32 = built["weight_bytes"]
-    base = rows.get("baseline", {})
+    probe = run.get("probe") or {}
+    ok = {n: r for n, r in rows.items() if r.get("status") == "ok"}
     out = []
-    if base.get("status") == "ok":
-        over = base["rss_after_load_bytes"] - base["rss_after_import_bytes"] - base["weight_bytes"]
-        out.append(
-            f"- fp32 baseline, own process: {_gib(base['rss_after_import_bytes'])} GiB of runtime "
-            f"(Python, torch, transformers) before loading; loading adds the weights "
-            f"({_gib(base['weight_bytes'])} GiB) plus {_gib(over)} GiB; one forward pass adds "
-            f"{_gib(base['peak_rss_bytes'] - base['rss_after_load_bytes'])} GiB. Its model RSS "
-            f"is {base['model_rss_bytes'] / fp32:.2f}x its weight bytes."
+    lazy = [n for n, p in probe.items() if n != "dynamic-int8"]
+    if lazy:
+        grew = {
+            n: (
+                probe[n]["forward"]["RssFile"] - probe[n]["import"]["RssFile"],
+                probe[n]["forward"]["RssAnon"] - probe[n]["import"]["RssAnon"],
+            )
+            for n in lazy
+        }
+        parts = ", ".join(
+            f"{n} +{_gib(f)} GiB file-backed and +{_gib(a)} GiB anonymous for "
+            f"{_gib(ok[n]['weight_bytes'])} GiB of weights"
+            for n, (f, a) in grew.items()
+            if n in ok
         )
-    for name, r in rows.items():
-        if name == "baseline" or r.get("status") != "ok":
-            continue
-        over = r["rss_after_load_bytes"] - r["rss_after_import_bytes"] - r["weight_bytes"]
-        vs = (
-            f", {r['model_rss_bytes'] / base['model_rss_bytes']:.2f}x the baseline's"
-            if base.get("model_rss_bytes")
+        out.append(
+            "- Weights are not copied into the process at load: `load_variant` reads "
+            "`model.safetensors` with safetensors' `load_file`, whose tensors are memory-mapped "
+            "pages of the file. They become resident as the forward pass first touches them, so "
+            "RSS after load stays near the runtime's and the peak comes with the forward pass. "
+            f"From import to the end of one forward pass: {parts}. The weights account for "
+            "nearly all of each variant's memory; activations, logits and kernel scratch at "
+            "batch 1 x 64 are the anonymous part."
+        )
+    if "dynamic-int8" in probe and "dynamic-int8" in ok:
+        p, r = probe["dynamic-int8"], ok["dynamic-int8"]
+        int8 = ok.get("int8")
+        same = (
+            f" (int8, with the same weight bytes: {int8['model_rss_bytes'] / fp32:.3f}x)"
+            if int8
             else ""
         )
         out.append(
-            f"- {name}, own process: weights {_gib(r['weight_bytes'])} GiB "
-            f"({r['weight_bytes'] / fp32:.3f}x fp32); model RSS {_gib(r['model_rss_bytes'])} GiB "
-            f"= {r['model_rss_bytes'] / fp32:.3f}x the fp32 weights{vs}. Beyond its weights, "
-            f"loading kept {_gib(over)} GiB and the forward pass added "
-            f"{_gib(r['peak_rss_bytes'] - r['rss_after_load_bytes'])} GiB; its runtime after "
-            f"the imports was {_gib(r['rss_after_import_bytes'])} GiB."
+            "- dynamic-int8 repacks its int8 codes into fbgemm's layout while loading: "
+            f"anonymous memory +{_gib(p['load']['RssAnon'] - p['import']['RssAnon'])} GiB at "
+            "load, while the codes it read from the file stay resident as file-backed pages "
+            f"(+{_gib(p['load']['RssFile'] - p['import']['RssFile'])} GiB after load). Its "
+            "codes are resident twice, so its model RSS is "
+            f"{r['model_rss_bytes'] / fp32:.3f}x the fp32 weights{same}."
         )
-    builds = [p for p in run["phases"] if p["phase"] == "build" and p["variant"] != "baseline"]
-    for p in builds:
-        grew = p["max_rss_bytes"] - p["start_rss_bytes"]
+    for name, r in ok.items():
+        if name != "baseline":
+            out.append(
+                f"- {name}: model RSS {_gib(r['model_rss_bytes'])} GiB = "
+                f"{r['model_rss_bytes'] / fp32:.3f}x the fp32 weights "
+                f"(weights {r['weight_bytes'] / fp32:.3f}x)."
+            )
+    phases = run["phases"]
+    for k, p in enumerate(phases):
+        if p["phase"] != "build" or p["variant"] == "baseline":
+            continue
+        after = next((q for q in phases[k + 1 :] if q["variant"] == p["variant"]), None)
+        kept = ""
+        if after is not None and p["variant"] in ok:
+            start, end = p["start_rss_bytes"], after["start_rss_bytes"]
+            kept = (
+                f"; when the build ended RSS was {_gib(end)} GiB, {_gib(end - start)} GiB above "
+                f"the start, about the variant's weights "
+                f"({_gib(ok[p['variant']]['weight_bytes'])} GiB): the copy and the temporaries "
+                "were freed and handed back"
+            )
+        grew = (p["max_rss_bytes"] - p["start_rss_bytes"]) / fp32
         out.append(
-            f"- run process, building {p['variant']}: RSS {_gib(p['start_rss_bytes'])} GiB with "
-            f"the baseline held, at most {_gib(p['max_rss_bytes'])} GiB while building "
-            f"(+{_gib(grew)} GiB = {grew / fp32:.2f}x the fp32 weights: the copy of the baseline "
-            "the stage converts, and the quantizer's per-layer temporaries)."
+            f"- The run process while building {p['variant']}: "
+            f"{_gib(p['start_rss_bytes'])} GiB with the baseline held, at most "
+            f"{_gib(p['max_rss_bytes'])} GiB (+{grew:.2f}x the fp32 weights: the baseline's "
+            "copy that the stage converts layer by layer, its temporaries and the converted "
+            f"layers){kept}."
         )
-    setup = next((p for p in run["phases"] if p["phase"] == "setup"), None)
-    if setup:
-        out.append(
-            f"- run process, setup (corpus, tokenizer, token ids, loading the baseline): at most "
-            f"{_gib(setup['max_rss_bytes'])} GiB = {setup['max_rss_bytes'] / fp32:.2f}x the "
-            "fp32 weights."
-        )
+    out.append(
+        f"- The run's peak, {run['run_peak_rss_bytes'] / fp32:.2f}x the fp32 weights, is the "
+        "held baseline plus one fp32 copy being converted and its temporaries. Building the "
+        "variant from a reload of the baseline instead of a copy would allocate the same fp32 "
+        "bytes while the stage runs; what the build must not do is keep them afterwards, and "
+        "the RSS when each build ended shows it does not."
+    )
     return out
 
 
