@@ -103,7 +103,12 @@ class PruneConfig(StageConfig):
                 "without a pattern"
             )
         if self.method != "sparsegpt":
-            stray = sorted({"blocksize", "damp"} & self.model_fields_set)
+            fields = type(self).model_fields
+            stray = sorted(  # a full dump of the config (its defaults) reads back as it was
+                k
+                for k in {"blocksize", "damp"} & self.model_fields_set
+                if getattr(self, k) != fields[k].default
+            )
             if stray:
                 raise ValueError(f"{', '.join(stray)}: only read by method sparsegpt")
         return self
