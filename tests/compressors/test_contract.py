@@ -129,7 +129,7 @@ def hf_settings(name: str, family: str) -> dict:
     settings = dict(FAST_SETTINGS.get(name, {}))
     if name == "structured" and family in ("gpt2", "opt"):
         settings["prune_heads"] = False  # their configs cannot describe fewer heads
-    if name == "rtn":
+    if name in ("rtn", "gptq"):
         settings["group_size"] = 32
         if family == "llama":  # its MLP is 176 wide: no int4 group size divides it
             settings["ignore"] = ["lm_head", "down_proj"]
@@ -145,6 +145,7 @@ MAX_PPL_RATIO = {
     "nf4": 1.15,
     "fp4": 1.2,
     "rtn": 1.1,
+    "gptq": 1.1,
     "prune": 2.0,
     "structured": 4.0,
     "distill": 1.05,
