@@ -19,7 +19,11 @@ STUDENTS = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(STUDENTS))
+@pytest.mark.parametrize(
+    "family",
+    # one family in the default run (the same code path); the others with the slow tests
+    [pytest.param(f, marks=[] if f == "llama" else pytest.mark.slow) for f in sorted(STUDENTS)],
+)
 def test_a_smaller_student_of_the_same_family_learns_from_the_loaded_model(
     hf_model_dirs, tiny_workspace, family, tmp_path
 ) -> None:
