@@ -220,7 +220,9 @@ def main() -> None:
         "",
         f"Each measurement as a run makes it: at least {min_rounds} rounds, more until the "
         f"95% interval is within ±{lat.ci_target:.0%} or {lat.max_seconds:g} s are spent. "
-        f"'loaded': {args.load_procs} busy-loop process(es) beside it.",
+        f"'idle': no synthetic load (the "
+        "machine's own background load is in the last column); 'loaded': "
+        f"{args.load_procs} busy-loop process(es) beside it.",
         "",
         "| condition | CI contains reference | noisy | median ±half-width | max ±half-width "
         "| median ratio | median rounds | median s | median load avg |",
