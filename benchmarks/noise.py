@@ -70,6 +70,9 @@ def main() -> None:
     p.add_argument("--reference-rounds", type=int, default=200)
     p.add_argument("--load-procs", type=int, default=1, help="busy-loop processes under load")
     p.add_argument(
+        "--min-rounds", type=int, help="override eval.latency.repeats (the minimum rounds)"
+    )
+    p.add_argument(
         "--accept-partial",
         action="store_true",
         help="use a partial cached baseline as it is (train.partial: accept) instead of "
@@ -90,6 +93,7 @@ def main() -> None:
     spec = recipe.variants[0]
     variant, _ = build_variant(ws, spec, {BASELINE: ws.baseline})
     lat = recipe.eval.latency
+    min_rounds = args.min_rounds or lat.repeats
     threads = _threads(recipe)
 
     def shape(**kw):
@@ -113,7 +117,10 @@ def main() -> None:
     ref_load = probe.finish()
     ref_ci = ratio_of_medians(ref["baseline"].samples_ms, ref["variant"].samples_ms, recipe.seed)
     reference = ref_ci.estimate
-    print(f"reference ratio {reference:.4f} [{ref_ci.lo:.4f}, {ref_ci.hi:.4f}]", flush=True)
+    print(
+        f"reference ratio {reference:.4f} [{ref_ci.lo:.4f}, {ref_ci.hi:.4f}], {ref_seconds:.0f} s",
+        flush=True,
+    )
 
     measured: dict[str, list[dict]] = {"idle": [], "loaded": []}
     for rep in range(args.reps):
@@ -126,7 +133,7 @@ def main() -> None:
                     ws.baseline,
                     variant,
                     **shape(
-                        min_rounds=lat.repeats,
+                        min_rounds=min_rounds,
                         ci_target=lat.ci_target,
                         max_seconds=lat.max_seconds,
                         seed=recipe.seed + rep,
@@ -200,7 +207,9 @@ def main() -> None:
         f"Machine: {machine}; Python {platform.python_version()}; allocator: {allocator}; "
         f"measured {time.strftime('%Y-%m-%d')} by `python benchmarks/noise.py --reps "
         f"{args.reps} --reference-rounds {args.reference_rounds} --load-procs "
-        f"{args.load_procs}{' --accept-partial' if args.accept_partial else ''}`.",
+        f"{args.load_procs}"
+        + (f" --min-rounds {args.min_rounds}" if args.min_rounds else "")
+        + (" --accept-partial`." if args.accept_partial else "`."),
         "",
         f"Baseline: {ws.baseline_info.description}, {ws.baseline_info.steps_text()} of training "
         "(latency does not depend on how far it was trained; its perplexity does).",
@@ -209,9 +218,11 @@ def main() -> None:
         f"**{reference:.4f}** (95% CI {ref_ci.lo:.4f}-{ref_ci.hi:.4f}), {ref_seconds:.0f} s, "
         f"load average {ref_load['load_avg_before']:.1f} -> {ref_load['load_avg_after']:.1f}.",
         "",
-        f"Each measurement as a run makes it: at least {lat.repeats} rounds, more until the "
+        f"Each measurement as a run makes it: at least {min_rounds} rounds, more until the "
         f"95% interval is within ±{lat.ci_target:.0%} or {lat.max_seconds:g} s are spent. "
-        f"'loaded': {args.load_procs} busy-loop process(es) beside it.",
+        f"'idle': no synthetic load (the "
+        "machine's own background load is in the last column); 'loaded': "
+        f"{args.load_procs} busy-loop process(es) beside it.",
         "",
         "| condition | CI contains reference | noisy | median ±half-width | max ±half-width "
         "| median ratio | median rounds | median s | median load avg |",
