@@ -103,7 +103,12 @@ class PruneConfig(StageConfig):
                 "without a pattern"
             )
         if self.method != "sparsegpt":
-            stray = sorted({"blocksize", "damp"} & self.model_fields_set)
+            fields = type(self).model_fields
+            stray = [
+                k
+                for k in ("blocksize", "damp")
+                if k in self.model_fields_set and getattr(self, k) != fields[k].default
+            ]
             if stray:
                 raise ValueError(f"{', '.join(stray)}: only read by method sparsegpt")
         return self
