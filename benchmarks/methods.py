@@ -9,6 +9,8 @@ built-in tokenizer, cached). Every method prunes every block linear layer of the
 with the same calibration windows (the recipe default: ``samples`` windows of the train split),
 and perplexity is measured on the default recipe's evaluation split. Writes:
 
+- ``benchmarks/results/methods.json``: every row so far (``--models``/``--settings`` runs, e.g.
+  in parallel, add theirs to it);
 - ``benchmarks/results/methods.csv``: tidy rows (what, config, metric, value, machine);
 - ``benchmarks/results/methods.md``: perplexity, its ratio to the dense baseline, and the mean
   per-layer output error for every model, method and sparsity, beside published numbers
@@ -21,6 +23,9 @@ import argparse
 import copy
 import csv
 import datetime
+import fcntl
+import json
+import os
 import subprocess
 import sys
 import time
@@ -43,6 +48,7 @@ from compress.train import TrainConfig, train  # noqa: E402
 from compress.workbench import Workspace, environment, prepare  # noqa: E402
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+MODELS = ("builtin-small", "gpt2-tiny")
 SETTINGS = {"50%": {"sparsity": 0.5}, "70%": {"sparsity": 0.7}, "2:4": {"pattern": "2:4"}}
 OUT = REPO / "benchmarks" / "results"
 
@@ -87,7 +93,9 @@ def evaluate(ws: Workspace, model: torch.nn.Module, seq_len: int) -> float:
     return perplexity(model, ids, seq_len, None, spec.batch_size).perplexity
 
 
-def bench_model(ws: Workspace, name: str, model, calib: CalibrationSpec, seq_len: int) -> list:
+def bench_model(
+    ws: Workspace, name: str, model, calib: CalibrationSpec, seq_len: int, labels: list[str]
+) -> list:
     rows = []
     dense = evaluate(ws, model, seq_len)
     print(f"{name}: dense perplexity {dense:.2f}", flush=True)
@@ -98,7 +106,8 @@ def bench_model(ws: Workspace, name: str, model, calib: CalibrationSpec, seq_len
         calibration=calib,
         fingerprint=f"{ws.corpus.fingerprint}:{ws.tokenizer.fingerprint}",
     )
-    for label, settings in SETTINGS.items():
+    for label in labels:
+        settings = SETTINGS[label]
         for method in METHODS:
             cfg = REGISTRY["prune"].config_cls(method=method, **settings)
             t0 = time.perf_counter()
@@ -166,12 +175,40 @@ def write(rows: list, meta: dict, machine: str) -> None:
     (OUT / "methods.md").write_text("\n".join(lines) + "\n")
 
 
+def merge_rows(rows: list, meta: dict, baselines: dict[str, str]) -> tuple[list, dict]:
+    """``rows`` merged into ``methods.json`` (rows of other models or settings, from other runs
+    of this script, are kept; the same row is replaced), under a lock so that runs split by
+    ``--models``/``--settings`` can go in parallel."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "methods.json"
+    with (cache_dir() / "methods-benchmark.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        if old.get("meta", {}).get("calibration") != meta["calibration"]:
+            old = {}  # other calibration settings: not comparable, start over
+        merged = {(r[0], r[1], r[2]): r for r in old.get("rows", [])}
+        merged.update({(r[0], r[1], r[2]): list(r) for r in rows})
+        order = {m: i for i, m in enumerate(MODELS)}
+        labels = {lab: i for i, lab in enumerate(["-", *SETTINGS])}
+        methods = {m: i for i, m in enumerate(["dense", *METHODS])}
+        out_rows = sorted(merged.values(), key=lambda r: (order[r[0]], labels[r[2]], methods[r[1]]))
+        all_baselines = {**old.get("baselines", {}), **baselines}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(
+            json.dumps({"meta": meta, "baselines": all_baselines, "rows": out_rows}, indent=1)
+        )
+        os.replace(tmp, path)
+    return out_rows, {**meta, "baselines": [all_baselines[m] for m in MODELS if m in all_baselines]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=128, help="calibration windows")
     ap.add_argument("--train-minutes", type=float, default=20, help="built-in baseline cap")
     ap.add_argument("--gpt2-steps", type=int, default=300, help="training steps of the GPT-2")
     ap.add_argument("--gpt2-minutes", type=float, default=10, help="GPT-2 training cap")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     args = ap.parse_args()
     torch.manual_seed(0)
     data = {
@@ -184,15 +221,18 @@ def main() -> None:
     seq_len = recipe.eval.perplexity.seq_len
     info = ws.baseline_info
     trained = info.train or {}
-    baselines = [
-        f"built-in default ({info.description}; {trained.get('steps')} training steps, "
-        f"stopped by {trained.get('stopped_by')}, final train loss "
-        f"{trained.get('final_train_loss') or float('nan'):.3f})"
-    ]
-    rows = bench_model(ws, "builtin-small", ws.baseline, calib, seq_len)
-    gpt2, steps = tiny_gpt2(ws, args.gpt2_steps, args.gpt2_minutes)
-    baselines.append(f"tiny GPT-2 (4 layers, d=128, trained {steps} steps)")
-    rows += bench_model(ws, "gpt2-tiny", gpt2, calib, seq_len)
+    rows, baselines = [], {}
+    if "builtin-small" in args.models:
+        baselines["builtin-small"] = (
+            f"built-in default ({info.description}; {trained.get('steps')} training steps, "
+            f"stopped by {trained.get('stopped_by')}, final train loss "
+            f"{trained.get('final_train_loss') or float('nan'):.3f})"
+        )
+        rows += bench_model(ws, "builtin-small", ws.baseline, calib, seq_len, args.settings)
+    if "gpt2-tiny" in args.models:
+        gpt2, steps = tiny_gpt2(ws, args.gpt2_steps, args.gpt2_minutes)
+        baselines["gpt2-tiny"] = f"tiny GPT-2 (4 layers, d=128, trained {steps} steps)"
+        rows += bench_model(ws, "gpt2-tiny", gpt2, calib, seq_len, args.settings)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
     ).stdout.strip()
@@ -203,9 +243,9 @@ def main() -> None:
         f"{resolve_seq_len(calib, ws.adapter.max_seq_len(ws.baseline))} tokens of the "
         f"{calib.split} split, seed {calib.seed}",
         "eval": f"{recipe.eval.perplexity.split} split, windows of {seq_len}",
-        "baselines": baselines,
     }
-    write(rows, meta, machine_name(environment()))
+    all_rows, meta = merge_rows(rows, meta, baselines)
+    write(all_rows, meta, machine_name(environment()))
 
 
 if __name__ == "__main__":

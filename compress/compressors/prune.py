@@ -104,11 +104,11 @@ class PruneConfig(StageConfig):
             )
         if self.method != "sparsegpt":
             fields = type(self).model_fields
-            stray = sorted(  # a full dump of the config (its defaults) reads back as it was
+            stray = [
                 k
-                for k in {"blocksize", "damp"} & self.model_fields_set
-                if getattr(self, k) != fields[k].default
-            )
+                for k in ("blocksize", "damp")
+                if k in self.model_fields_set and getattr(self, k) != fields[k].default
+            ]
             if stray:
                 raise ValueError(f"{', '.join(stray)}: only read by method sparsegpt")
         return self

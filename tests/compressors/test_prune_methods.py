@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from compress.data.calibration import CalibrationSpec
 from compress.errors import CompressError
 from compress.models.hf import load_pretrained
 from compress.recipe import recipe_from_dict
-from tests.conftest import REPO
+from compress.workbench import build_variant
+from tests.conftest import REPO, TINY_RECIPE
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 CALIB = CalibrationSpec(samples=16, seq_len=64)  # fast: 1024 tokens
@@ -103,7 +105,7 @@ def test_tiny_model_every_method_exact_sparsity_and_sparsegpt_below_magnitude(
     for settings in (("sparsity", 0.7),), (("pattern", "2:4"),):
         mag = _errors(reports["magnitude", settings])
         sgpt = _errors(reports["sparsegpt", settings])
-        assert len(mag) == 8 and all(v is not None for v in mag.values())
+        assert len(mag) == 12 and all(v is not None for v in mag.values())  # 2 blocks x 6
         for name, err in sgpt.items():
             assert err < mag[name], (settings, name, err, mag[name])
 
@@ -139,7 +141,10 @@ def test_magnitude_without_calibration_still_prunes_and_says_why_unmeasured(
     generic = nn.Sequential(nn.Linear(8, 8))
     with pytest.raises(CompressError, match="prune.method sparsegpt: .*layout"):
         run_stage(
-            "prune", generic, REGISTRY["prune"].config_cls(method="sparsegpt"), StageContext()
+            "prune",
+            generic,
+            REGISTRY["prune"].config_cls(method="sparsegpt", ignore=[]),
+            StageContext(),
         )
 
 
@@ -163,13 +168,24 @@ def test_bad_settings_name_the_key(settings, message) -> None:
     assert message in str(exc.value)
 
 
-def test_recipe_calibration_section_reaches_the_stage_context() -> None:
+def test_recipe_calibration_section_reaches_the_stage_context(tiny_workspace) -> None:
     data = {
-        "calibration": {"samples": 32, "seq_len": 64},
-        "variants": [{"name": "p", "pipeline": [{"prune": {"method": "wanda"}}]}],
+        **TINY_RECIPE,
+        "calibration": {"samples": 8, "seq_len": 32, "seed": 5},
+        "variants": [
+            {"name": "p", "pipeline": [{"prune": {"method": "wanda"}}]},
+            {"name": "q", "pipeline": [{"prune": {"calibration": {"samples": 4}}}]},
+        ],
     }
     recipe = recipe_from_dict(data, "r.yaml", "r")
-    assert recipe.calibration == CalibrationSpec(samples=32, seq_len=64)
+    assert recipe.calibration == CalibrationSpec(samples=8, seq_len=32, seed=5)
+    ws = dataclasses.replace(tiny_workspace, recipe=recipe)
+    models = {"baseline": ws.baseline}
+    (first,) = build_variant(ws, recipe.variants[0], models)[1]
+    (second,) = build_variant(ws, recipe.variants[1], models)[1]
+    want = {"split": "train", "samples": 8, "seq_len": 32, "seed": 5, "tokens": 256}
+    assert first.extra["calibration"] == want
+    assert second.extra["calibration"] == {**want, "samples": 4, "tokens": 128}
     with pytest.raises(CompressError, match=r"r.yaml: calibration.split: Input should be"):
         recipe_from_dict({"calibration": {"split": "dev"}}, "r.yaml", "r")
     with pytest.raises(CompressError, match=r"calibration.seq_len = 512 exceeds the 'small'"):
