@@ -19,12 +19,18 @@ import yaml
 
 from compress.errors import CompressError
 from compress.evaluate import DEFINITIONS
+from compress.metrics import QUALITY
 from compress.recipe import Recipe, load_recipe
 from compress.report import add_ratios, dashboard_command, html_table, write_report
+from compress.report.curves import curve_charts, write_tensorboard
+from compress.report.generation import continuations_html
+from compress.report.html import charts_html
 from compress.runtime import tune_allocator
 from compress.workbench import VariantResult, Workspace, environment, prepare, run_variants
 
 log = logging.getLogger("compress")
+
+QUALITY_KEYS = tuple(m.key for m in QUALITY)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,8 +112,55 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def training_curves(ws: Workspace, results: list[VariantResult]) -> dict[str, list[dict]]:
+    """Every training phase's per-step records: ``baseline`` (the built-in GPT, trained now or
+    cached with its curve) and ``<variant>/<stage>`` for each stage that trained."""
+    curves: dict[str, list[dict]] = {}
+    train = ws.baseline_info.train
+    if train and train.get("curve"):
+        curves["baseline"] = train["curve"]
+    for r in results:
+        names = [rep.stage for rep in r.stages]
+        for i, rep in enumerate(r.stages):
+            if rep.curve:
+                stage = rep.stage if names.count(rep.stage) == 1 else f"{rep.stage}-{i}"
+                curves[f"{r.name}/{stage}"] = rep.curve
+    return curves
+
+
+def _curves_section(curves: dict[str, list[dict]], tb_dir: Path) -> str:
+    if not curves:
+        return (
+            "<p>No training in this run has a recorded curve (a Hugging Face baseline is not "
+            "trained; a baseline cached before curves were recorded has none).</p>"
+        )
+    return (
+        f"<p>Per step: loss, learning rate, gradient norm and tokens/s in TensorBoard: "
+        f"<code>tensorboard --logdir {html.escape(str(tb_dir))}</code>. Below: training loss "
+        "at every step and validation loss where it was measured.</p>"
+        + charts_html(curve_charts(curves))
+    )
+
+
+def _generation_section(ws: Workspace, results: list[VariantResult]) -> str:
+    ref = ws.reference()
+    gen = ws.recipe.eval.generation
+    columns = [(r.name, r.continuations) for r in results if r.continuations is not None]
+    intro = (
+        f"<p>{gen.prompts} prompts of {gen.prompt_tokens} held-out tokens, each continued "
+        f"greedily for {gen.new_tokens} tokens; BLEU and chrF in the summary score these "
+        "continuations against the reference text and against the baseline's. The first "
+        f"{min(3, gen.prompts)}:</p>"
+    )
+    return intro + continuations_html(ref.prompts, ref.references, columns)
+
+
 def _sections(
-    ws: Workspace, results: list[VariantResult], rows: list[dict]
+    ws: Workspace,
+    results: list[VariantResult],
+    rows: list[dict],
+    curves: dict[str, list[dict]] | None = None,
+    tb_dir: Path = Path("tb"),
 ) -> list[tuple[str, str]]:
     recipe = ws.recipe
     info = ws.baseline_info
@@ -183,10 +236,22 @@ def _sections(
             f"{lat.repeats} interleaved rounds",
         },
     ]
+    quality_rows = [
+        {
+            "variant": r["variant"],
+            **{k: r.get(k) for k in QUALITY_KEYS},
+        }
+        for r in rows
+        if r["status"] == "ok"
+    ]
     sections = [
         ("Baseline", html_table(baseline_rows)),
         ("Data and measurement settings", html_table(setup_rows)),
+        ("Accuracy and generation", html_table(quality_rows)),
+        ("Training curves", _curves_section(curves or {}, tb_dir)),
     ]
+    if recipe.eval.generation.prompts and any(r.continuations for r in results):
+        sections.append(("Greedy continuations", _generation_section(ws, results)))
     for r in results:
         for rep in r.stages:
             body = (
@@ -203,7 +268,13 @@ def _sections(
     return sections
 
 
-def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
+def _meta(
+    ws: Workspace,
+    results: list[VariantResult],
+    seconds: float,
+    curves: dict[str, list[dict]] | None = None,
+) -> dict:
+    ref = ws.reference() if any(r.continuations is not None for r in results) else None
     return {
         "recipe": ws.recipe.name,
         "corpus": {"description": ws.corpus.description, "fingerprint": ws.corpus.fingerprint},
@@ -221,14 +292,22 @@ def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
             else {k: v for k, v in ws.baseline_info.train.items() if k != "history"},
         },
         "unigram_perplexity": ws.unigram_perplexity,
+        "training": curves or {},
+        "generation": None
+        if ref is None
+        else {"prompts": ref.prompts, "references": ref.references},
         "setup_seconds": ws.setup_seconds,
         "total_seconds": seconds,
         "variants": {
             r.name: {
-                "stages": [s.to_dict() for s in r.stages],
+                # each stage's curve is under "training", by phase
+                "stages": [
+                    {k: v for k, v in s.to_dict().items() if k != "curve"} for s in r.stages
+                ],
                 "perplexity": r.perplexity.to_dict() if r.perplexity else None,
                 "latency": r.latency.to_dict() if r.latency else None,
                 "rss": r.rss,
+                "continuations": r.continuations,
             }
             for r in results
         },
@@ -252,6 +331,9 @@ def run(
     print(f"data: {ws.corpus.description}", flush=True)
     print(f"{ws.baseline_info.headline()}; setup {ws.setup_seconds:.1f} s", flush=True)
     results = run_variants(ws, out_dir, progress=progress)
+    curves = training_curves(ws, results)
+    tb_dir = out_dir / "tb"
+    write_tensorboard(tb_dir, curves)
     rows = [r.row for r in results]
     recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     seconds = time.perf_counter() - start
@@ -260,10 +342,10 @@ def run(
         rows,
         name=recipe.name,
         recipe_text=recipe_text,
-        meta=_meta(ws, results, seconds),
+        meta=_meta(ws, results, seconds, curves),
         definitions=DEFINITIONS,
         environment={**environment(), "allocator": allocator},
-        sections=_sections(ws, results, add_ratios(rows)),
+        sections=_sections(ws, results, add_ratios(rows), curves, tb_dir),
     )
     rows = add_ratios(rows)
     print()
@@ -275,6 +357,8 @@ def run(
     )
     print(f"report: {paths['html']}  (also {paths['csv'].name}, {paths['json'].name})")
     print(f"dashboard: {dashboard_command(paths['study'])}")
+    if curves:
+        print(f"training curves: tensorboard --logdir {tb_dir}")
     n_failed = sum(r["status"] != "ok" for r in rows)
     if n_failed:
         print(f"{n_failed} of {len(rows)} variants failed; see the report", file=sys.stderr)

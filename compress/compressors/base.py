@@ -21,6 +21,11 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
 from compress.evaluate.memory import module_weight_bytes, param_count
+from compress.settings import DataSpec
+from compress.train import TrainConfig
+
+TokenLoader = Callable[[DataSpec], dict[str, torch.Tensor]]
+"""Token ids per split (train, valid, test) of a corpus, in the run's tokenizer."""
 
 
 class StageConfig(BaseModel):
@@ -39,13 +44,17 @@ class StageContext:
 
     ``tokens`` maps split names to 1-D token tensors; ``models`` holds the models built so far in
     this run by variant name ("baseline" first), e.g. teachers for distillation; ``seed`` makes
-    stochastic stages reproducible; ``progress`` shows progress bars for long stages.
+    stochastic stages reproducible; ``progress`` shows progress bars for long stages; ``train``
+    is the run's own training settings (the baseline's), which a training stage defaults to;
+    ``load_tokens`` gives another corpus's token ids in the run's tokenizer.
     """
 
     seed: int = 0
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     models: dict[str, nn.Module] = field(default_factory=dict)
     progress: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+    load_tokens: TokenLoader | None = None
 
 
 @dataclass
@@ -62,6 +71,8 @@ class StageReport:
     touched_bytes_after: int = 0  # ... and after
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. bits per weight, sparsity
+    # A stage that trains: one record per optimizer step (see compress.train.StepLog)
+    curve: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

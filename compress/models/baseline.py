@@ -43,7 +43,9 @@ class BaselineInfo:
     key: str
     path: Path | str  # the cache entry, the model's directory, or its hub id
     cached: bool  # True when loaded (cache, directory, hub), False when trained by this call
-    train: dict | None  # the built-in GPT's TrainReport (as stored); None for a loaded model
+    # the built-in GPT's TrainReport as stored, with "curve": every step's record (an entry
+    # cached before curves were kept has none); None for a loaded model
+    train: dict | None
     description: str = "built-in GPT"
 
     def headline(self) -> str:
@@ -90,6 +92,7 @@ def get_baseline(
             log.warning("cached baseline at %s is unreadable (%s); retraining", path, exc)
     torch.manual_seed(train_cfg.seed)
     model = GPT(cfg)
+    curve: list[dict] = []
     report: TrainReport = train(
         model,
         tokens["train"],
@@ -97,16 +100,18 @@ def get_baseline(
         val_ids=tokens["valid"],
         desc="train baseline",
         progress=progress,
+        on_log=curve.append,
     )
+    stored = {**report.to_dict(), "curve": curve}
     # Write to a temporary folder and rename, so a crash never leaves a half-written entry.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}-"))
     save_variant(model, tmp)
-    (tmp / "train.json").write_text(json.dumps(report.to_dict(), indent=2))
+    (tmp / "train.json").write_text(json.dumps(stored, indent=2))
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
-    return model.eval(), BaselineInfo(key, path, False, report.to_dict(), _describe(cfg))
+    return model.eval(), BaselineInfo(key, path, False, stored, _describe(cfg))
 
 
 def _describe(cfg: GPTConfig) -> str:
