@@ -85,6 +85,9 @@ def summary_table(rows: list[dict]) -> str:
         "wt x",
         "q-layer x",
         "peak RSS",
+        "top-1 acc",
+        "agree",
+        "chrF fid",
         "status",
     ]
     lines = []
@@ -102,6 +105,9 @@ def summary_table(rows: list[dict]) -> str:
                 _fmt(r.get("weight_bytes_ratio"), ".3f"),
                 _fmt(r.get("quantized_layer_bytes_ratio"), ".3f"),
                 _fmt_bytes(r.get("peak_rss_bytes")),
+                _fmt(r.get("top1_accuracy"), ".4f"),
+                _fmt(r.get("top1_agreement"), ".4f"),
+                _fmt(r.get("chrf_fidelity"), ".1f"),
                 r["status"] if r["status"] == "ok" else f"FAILED: {r.get('error')}",
             ]
         )

@@ -42,7 +42,7 @@ from compress.data import (
     train_tokenizer,
     unigram_perplexity,
 )
-from compress.errors import CompressError
+from compress.errors import CompressError, RecipeError
 from compress.evaluate.accuracy import Top1, top1
 from compress.evaluate.generation import greedy, held_out_prompts, text_scores
 from compress.evaluate.latency import LatencyResult, interleaved_latency, summarize
@@ -58,8 +58,9 @@ from compress.metrics import Measurement
 from compress.models.adapter import ModelAdapter, adapter_for, resolve_device
 from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baseline
 from compress.models.gpt import PRESETS, GPTConfig
-from compress.recipe import Recipe, VariantSpec, variant_stages
+from compress.recipe import Recipe, VariantSpec, parse_stage, variant_stages
 from compress.settings import DataSpec
+from compress.sweep.space import split_stage
 from compress.train import TrainConfig
 from compress.variant import save_variant
 
@@ -173,13 +174,21 @@ def data_key(spec: DataSpec) -> str:
 
 
 def stage_corpora(recipe: Recipe) -> list[DataSpec]:
-    """The corpora the variants' stages train on besides the run's own (finetune's ``data``)."""
+    """The corpora the stages train on besides the run's own (finetune's ``data``): those of
+    the variants, and those a sweep's pipeline template names without a ``$parameter`` (a
+    corpus chosen by a parameter is read when a trial first needs it)."""
+    stages = [stage for variant in recipe.variants for stage in variant_stages(variant)]
+    if recipe.sweep is not None:
+        for item in recipe.sweep.pipeline:
+            try:
+                stages.append(parse_stage(split_stage(item)[0], "sweep.pipeline", "<recipe>"))
+            except RecipeError:  # settings with $parameters: known per trial only
+                continue
     out: dict[str, DataSpec] = {}
-    for variant in recipe.variants:
-        for stage in variant_stages(variant):
-            spec = getattr(stage.config, "data", None)
-            if isinstance(spec, DataSpec):
-                out[data_key(spec)] = spec
+    for stage in stages:
+        spec = getattr(stage.config, "data", None)
+        if isinstance(spec, DataSpec):
+            out[data_key(spec)] = spec
     return list(out.values())
 
 

@@ -110,3 +110,18 @@ def test_load_tokens_uses_the_runs_tokenizer(tiny_workspace, tmp_path) -> None:
     assert set(tokens) >= {"train", "valid"}
     assert int(tokens["train"].max()) < tiny_workspace.tokenizer.vocab_size
     assert tiny_workspace.load_tokens(spec) is tokens  # cached
+
+
+def test_a_sweeps_missing_finetune_file_stops_before_training(tmp_path) -> None:
+    from compress.workbench import prepare
+
+    stage = {"finetune": {"data": {"corpus": "files", "files": ["gone.txt"]}}, "when": {"ft": True}}
+    sweep = {
+        "trials": 2,
+        "objectives": ["perplexity"],
+        "params": {"ft": {"choice": [False, True]}},
+        "pipeline": [stage],
+    }
+    recipe = recipe_from_dict({"name": "s", "sweep": sweep}, "s.yaml")
+    with pytest.raises(CompressError, match="gone.txt"):
+        prepare(recipe, tmp_path, progress=False)
