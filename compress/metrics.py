@@ -230,6 +230,68 @@ CATALOG: tuple[Metric, ...] = (
 )
 """Measured metrics, in report column order."""
 
+# Accuracy and generation: how much of the baseline's behaviour a variant keeps. Higher is
+# better for each; a sweep minimises or caps its ``<key>_shortfall`` (see SHORTFALL_OF).
+_GENERATION = (
+    "greedy continuations (new_tokens tokens, the most likely token each step) of the "
+    "eval.generation prompts: windows of prompt_tokens tokens evenly spaced over the held-out "
+    "split, decoded with the run's tokenizer and scored as one corpus with sacrebleu's "
+    "defaults"
+)
+QUALITY: tuple[Metric, ...] = (
+    Metric(
+        "top1_accuracy",
+        "top-1 accuracy",
+        "fraction of the tokens the perplexity scores (same windows, same context) that are "
+        "the model's most likely next token.",
+        better="higher",
+    ),
+    Metric(
+        "top1_agreement",
+        "top-1 agreement",
+        "fraction of the same positions where the variant's most likely next token equals "
+        "the baseline's (1.0 for the baseline).",
+        better="higher",
+    ),
+    Metric(
+        "bleu",
+        "BLEU",
+        f"BLEU (0-100) of the {_GENERATION}, against the text that follows each prompt.",
+        better="higher",
+    ),
+    Metric(
+        "chrf",
+        "chrF",
+        f"chrF (0-100) of the {_GENERATION}, against the text that follows each prompt.",
+        better="higher",
+    ),
+    Metric(
+        "bleu_fidelity",
+        "BLEU vs baseline",
+        f"BLEU (0-100) of the {_GENERATION}, against the baseline's continuations of the same "
+        "prompts: 100 means the same text.",
+        better="higher",
+    ),
+    Metric(
+        "chrf_fidelity",
+        "chrF vs baseline",
+        f"chrF (0-100) of the {_GENERATION}, against the baseline's continuations.",
+        better="higher",
+    ),
+)
+CATALOG = (*CATALOG, *QUALITY)
+
+SHORTFALL_OF: dict[str, float] = {
+    "top1_accuracy": 1.0,
+    "top1_agreement": 1.0,
+    "bleu": 100.0,
+    "chrf": 100.0,
+    "bleu_fidelity": 100.0,
+    "chrf_fidelity": 100.0,
+}
+"""Higher-is-better metrics and their best value: ``<key>_shortfall`` = best - value, lower is
+better, so a sweep (which minimises, and caps with ``max``) can use them."""
+
 RATIO_OF: tuple[str, ...] = (
     "perplexity",
     "weight_bytes",
@@ -263,6 +325,15 @@ BY_KEY[QUANTIZED_RATIO] = Metric(
     "lower",
 )
 
+for _key, _best in SHORTFALL_OF.items():
+    BY_KEY[f"{_key}_shortfall"] = Metric(
+        f"{_key}_shortfall",
+        f"{BY_KEY[_key].label} shortfall",
+        f"{_best:g} minus {_key}: lower is better.",
+        better="lower",
+        objective=True,
+    )
+
 MEASURED_KEYS: tuple[str, ...] = tuple(m.key for m in CATALOG)
 ALL_KEYS: tuple[str, ...] = tuple(BY_KEY)
 
@@ -281,6 +352,10 @@ def definitions() -> dict[str, str]:
         "latency_ratio is measured paired, see above."
     )
     out[QUANTIZED_RATIO] = BY_KEY[QUANTIZED_RATIO].definition
+    out["*_shortfall"] = (
+        "the best possible value minus the metric (1 for top1_accuracy and top1_agreement, 100 "
+        "for bleu, chrf, bleu_fidelity, chrf_fidelity): the form a sweep minimises or caps."
+    )
     return out
 
 
@@ -321,9 +396,19 @@ class Measurement:
     gpu_peak_bytes: int | None = None
     rss_after_load_bytes: int | None = None
     rss_after_import_bytes: int | None = None
+    # accuracy and generation (QUALITY)
+    top1_accuracy: float | None = None
+    top1_agreement: float | None = None
+    bleu: float | None = None
+    chrf: float | None = None
+    bleu_fidelity: float | None = None
+    chrf_fidelity: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The measured values and, derived from them, every ``<key>_shortfall``."""
+        out = asdict(self)
+        out.update(shortfalls(out))
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
@@ -385,6 +470,16 @@ def ratio(num: Any, den: Any) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def shortfalls(row: dict[str, Any]) -> dict[str, float | None]:
+    """``<key>_shortfall`` = best value - value for every metric of SHORTFALL_OF (None where
+    the value is missing)."""
+    out: dict[str, float | None] = {}
+    for key, best in SHORTFALL_OF.items():
+        value = as_float(row.get(key))
+        out[f"{key}_shortfall"] = None if value is None else best - value
+    return out
 
 
 def ratios(row: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:

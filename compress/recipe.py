@@ -39,6 +39,7 @@ from compress.data.calibration import CalibrationSpec
 from compress.errors import RecipeError
 from compress.models.gpt import PRESETS
 from compress.safe_yaml import load_yaml
+from compress.settings import DataSpec, Strict, TrainSpec
 from compress.sweep.space import (
     SpaceError,
     SweepSpec,
@@ -52,10 +53,6 @@ from compress.sweep.space import (
 MAX_SEED = 2**63 - 1  # torch seeds take any 64-bit integer; `seed + 1` must still fit
 MAX_SAMPLER_SEED = 2**32 - 1  # Optuna's samplers seed numpy's RandomState
 MAX_TEMPLATE_VALUES = 10_000  # a sweep's pipeline template, aliases expanded
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelSpec(Strict):
@@ -85,61 +82,6 @@ class ModelSpec(Strict):
         if self.hf is None and (self.revision is not None or self.trust_remote_code):
             raise ValueError("revision and trust_remote_code only apply to model.hf")
         return self
-
-
-class DataSpec(Strict):
-    corpus: Literal["builtin", "files", "hf"] = "builtin"
-    # For ``files``: a list of paths/globs split contiguously by ``fractions``, or a mapping
-    # {train: [...], valid: [...], test: [...]}. Relative paths are read from the recipe's folder.
-    files: list[str] | dict[str, list[str]] | None = None
-    fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
-    # For ``hf``: a dataset through the `datasets` library (needs a network unless cached),
-    # e.g. path: wikitext, name: wikitext-2-raw-v1; rows of `text_field` joined by blank lines.
-    path: str | None = Field(None, min_length=1)
-    name: str | None = Field(None, min_length=1)
-    text_field: str = Field("text", min_length=1)
-    splits: dict[Literal["train", "valid", "test"], str] = Field(
-        default_factory=lambda: {"train": "train", "valid": "validation", "test": "test"}
-    )
-    # The built-in GPT's tokenizer (byte-level BPE trained on the train split); a Hugging Face
-    # model brings its own.
-    vocab_size: int = Field(4096, ge=257, le=65536)
-
-    @model_validator(mode="after")
-    def _source_fields(self) -> DataSpec:
-        if self.corpus == "files" and not self.files:
-            raise ValueError("corpus 'files' needs a non-empty 'files' list or mapping")
-        if self.corpus != "files" and self.files:
-            raise ValueError("'files' is only read when corpus is 'files'")
-        if self.corpus == "hf" and not self.path:
-            raise ValueError("corpus 'hf' needs 'path' (a dataset name, e.g. wikitext)")
-        hf_only = {"path", "name", "text_field", "splits"} & self.model_fields_set
-        if self.corpus != "hf" and hf_only:
-            raise ValueError(f"{', '.join(sorted(hf_only))}: only read when corpus is 'hf'")
-        return self
-
-
-class TrainSpec(Strict):
-    # The default trains the `small` baseline in about 4.3 minutes on 2 CPU cores; the time cap
-    # keeps a first run under 5 minutes on a slower machine (the report says which budget ended).
-    max_steps: int = Field(700, ge=1)
-    max_minutes: float | None = Field(4.75, gt=0)
-    batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(256, ge=8)
-    lr: float = Field(2e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(50, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    bf16: bool = False
-    eval_every: int = Field(100, ge=1)
-    eval_batches: int = Field(8, ge=1)
-    early_stop_patience: int | None = Field(None, ge=1)
-    # A checkpoint of the baseline's training every this many steps: Ctrl-C or the time cap
-    # loses at most this many. A baseline stopped early is cached as partial and resumed by the
-    # next run ("resume"), or used as it is ("accept"); reports mark it partial either way.
-    checkpoint_every: int = Field(100, ge=1)
-    partial: Literal["resume", "accept"] = "resume"
 
 
 class PerplexitySpec(Strict):
@@ -173,10 +115,26 @@ class MemorySpec(Strict):
     peak_rss: bool = True  # measure peak RSS of an inference run in a child process
 
 
+class GenerationSpec(Strict):
+    """Greedy continuations of held-out prompts, scored with BLEU and chrF (prompts: 0 skips
+    them); small defaults keep a run fast."""
+
+    prompts: int = Field(8, ge=0)
+    prompt_tokens: int = Field(32, ge=1)
+    new_tokens: int = Field(32, ge=1)
+
+
 class EvalSpec(Strict):
     perplexity: PerplexitySpec = PerplexitySpec()
     latency: LatencySpec = LatencySpec()
     memory: MemorySpec = MemorySpec()
+    generation: GenerationSpec = GenerationSpec()
+
+    @property
+    def generation_tokens(self) -> int:
+        """The longest sequence generation feeds the model (0 when it is off)."""
+        g = self.generation
+        return g.prompt_tokens + g.new_tokens - 1 if g.prompts else 0
 
 
 class VariantSpec(Strict):
@@ -243,6 +201,7 @@ class Recipe(Strict):
             ("eval.latency.seq_len", self.eval.latency.seq_len),
             *stage_seq_lens(self),
             ("calibration.seq_len", self.calibration.seq_len or 0),
+            ("eval.generation.prompt_tokens + new_tokens - 1", self.eval.generation_tokens),
         ):
             if n > block:
                 raise ValueError(

@@ -19,16 +19,22 @@ import yaml
 
 from compress.errors import CompressError
 from compress.evaluate import DEFINITIONS
+from compress.metrics import QUALITY
 from compress.models.adapter import resolve_device
 from compress.preflight import check_output
 from compress.recipe import Recipe, load_recipe
 from compress.report import add_ratios, dashboard_command, html_table, write_report
+from compress.report.curves import curve_charts, write_tensorboard
 from compress.report.folder import claim
+from compress.report.generation import continuations_html
+from compress.report.html import charts_html
 from compress.runtime import tune_allocator
 from compress.storage import mask_urls
 from compress.workbench import VariantResult, Workspace, environment, prepare, run_variants
 
 log = logging.getLogger("compress")
+
+QUALITY_KEYS = tuple(m.key for m in QUALITY)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -124,6 +130,9 @@ def summary_table(rows: list[dict]) -> str:
         "wt x",
         "q-layer x",
         "peak RSS",
+        "top-1 acc",
+        "agree",
+        "chrF fid",
         "status",
     ]
     gpu = any(r.get("gpu_peak_bytes") is not None for r in rows)
@@ -145,6 +154,9 @@ def summary_table(rows: list[dict]) -> str:
                 _fmt(r.get("weight_bytes_ratio"), ".3f"),
                 _fmt(r.get("quantized_layer_bytes_ratio"), ".3f"),
                 _fmt_bytes(r.get("peak_rss_bytes")),
+                _fmt(r.get("top1_accuracy"), ".4f"),
+                _fmt(r.get("top1_agreement"), ".4f"),
+                _fmt(r.get("chrf_fidelity"), ".1f"),
                 *([_fmt_bytes(r.get("gpu_peak_bytes"))] if gpu else []),
                 r["status"] if r["status"] == "ok" else f"FAILED: {r.get('error')}",
             ]
@@ -156,8 +168,55 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def training_curves(ws: Workspace, results: list[VariantResult]) -> dict[str, list[dict]]:
+    """Every training phase's per-step records: ``baseline`` (the built-in GPT, trained now or
+    cached with its curve) and ``<variant>/<stage>`` for each stage that trained."""
+    curves: dict[str, list[dict]] = {}
+    train = ws.baseline_info.train
+    if train and train.get("curve"):
+        curves["baseline"] = train["curve"]
+    for r in results:
+        names = [rep.stage for rep in r.stages]
+        for i, rep in enumerate(r.stages):
+            if rep.curve:
+                stage = rep.stage if names.count(rep.stage) == 1 else f"{rep.stage}-{i}"
+                curves[f"{r.name}/{stage}"] = rep.curve
+    return curves
+
+
+def _curves_section(curves: dict[str, list[dict]], tb_dir: Path) -> str:
+    if not curves:
+        return (
+            "<p>No training in this run has a recorded curve (a Hugging Face baseline is not "
+            "trained; a baseline cached before curves were recorded has none).</p>"
+        )
+    return (
+        f"<p>Per step: loss, learning rate, gradient norm and tokens/s in TensorBoard: "
+        f"<code>tensorboard --logdir {html.escape(str(tb_dir))}</code>. Below: training loss "
+        "at every step and validation loss where it was measured.</p>"
+        + charts_html(curve_charts(curves))
+    )
+
+
+def _generation_section(ws: Workspace, results: list[VariantResult]) -> str:
+    ref = ws.reference()
+    gen = ws.recipe.eval.generation
+    columns = [(r.name, r.continuations) for r in results if r.continuations is not None]
+    intro = (
+        f"<p>{gen.prompts} prompts of {gen.prompt_tokens} held-out tokens, each continued "
+        f"greedily for {gen.new_tokens} tokens; BLEU and chrF in the summary score these "
+        "continuations against the reference text and against the baseline's. The first "
+        f"{min(3, gen.prompts)}:</p>"
+    )
+    return intro + continuations_html(ref.prompts, ref.references, columns)
+
+
 def _sections(
-    ws: Workspace, results: list[VariantResult], rows: list[dict]
+    ws: Workspace,
+    results: list[VariantResult],
+    rows: list[dict],
+    curves: dict[str, list[dict]] | None = None,
+    tb_dir: Path = Path("tb"),
 ) -> list[tuple[str, str]]:
     recipe = ws.recipe
     info = ws.baseline_info
@@ -236,11 +295,23 @@ def _sections(
             "are spent (else it is marked noisy)",
         },
     ]
+    quality_rows = [
+        {
+            "variant": r["variant"],
+            **{k: r.get(k) for k in QUALITY_KEYS},
+        }
+        for r in rows
+        if r["status"] == "ok"
+    ]
     sections = [
         *_notes_section(run_notes(ws, ppl)),
         ("Baseline", html_table(baseline_rows)),
         ("Data and measurement settings", html_table(setup_rows)),
+        ("Accuracy and generation", html_table(quality_rows)),
+        ("Training curves", _curves_section(curves or {}, tb_dir)),
     ]
+    if recipe.eval.generation.prompts and any(r.continuations for r in results):
+        sections.append(("Greedy continuations", _generation_section(ws, results)))
     for r in results:
         for rep in r.stages:
             body = (
@@ -274,12 +345,18 @@ def _notes_section(notes: list[str]) -> list[tuple[str, str]]:
     return [("Notes", f"<ul>{items}</ul>")]
 
 
-def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
+def _meta(
+    ws: Workspace,
+    results: list[VariantResult],
+    seconds: float,
+    curves: dict[str, list[dict]] | None = None,
+) -> dict:
     """The report's metadata; its notes are also warned about here, once per run (the corpus
     warned about its own when it was read)."""
     notes = run_notes(ws, results[0].measurement.perplexity)
     for note in notes[len(ws.corpus.notes) :]:
         log.warning("%s", note)
+    ref = ws.reference() if any(r.continuations is not None for r in results) else None
     return {
         "recipe": ws.recipe.name,
         "corpus": {"description": ws.corpus.description, "fingerprint": ws.corpus.fingerprint},
@@ -298,14 +375,22 @@ def _meta(ws: Workspace, results: list[VariantResult], seconds: float) -> dict:
         },
         "unigram_perplexity": ws.unigram_perplexity,
         "notes": notes,
+        "training": curves or {},
+        "generation": None
+        if ref is None
+        else {"prompts": ref.prompts, "references": ref.references},
         "setup_seconds": ws.setup_seconds,
         "total_seconds": seconds,
         "variants": {
             r.name: {
-                "stages": [s.to_dict() for s in r.stages],
+                # each stage's curve is under "training", by phase
+                "stages": [
+                    {k: v for k, v in s.to_dict().items() if k != "curve"} for s in r.stages
+                ],
                 "perplexity": r.perplexity.to_dict() if r.perplexity else None,
                 "latency": r.latency.to_dict() if r.latency else None,
                 "rss": r.rss,
+                "continuations": r.continuations,
             }
             for r in results
         },
@@ -332,6 +417,9 @@ def run(
         print(f"{ws.baseline_info.headline()}; setup {ws.setup_seconds:.1f} s", flush=True)
         with folder.staged() as staging:  # the previous report stays whole until the swap
             results = run_variants(ws, staging, progress=progress)
+            curves = training_curves(ws, results)
+            tb_dir = out_dir / "tb"  # where it will be once the staging folder is published
+            write_tensorboard(staging / "tb", curves)
             rows = [r.row for r in results]
             if ws.baseline_info.partial:  # never reported as a normal result: every row says so
                 rows = [{**row, "baseline_partial": ws.baseline_info.steps_text()} for row in rows]
@@ -342,10 +430,10 @@ def run(
                 rows,
                 name=recipe.name,
                 recipe_text=recipe_text,
-                meta=_meta(ws, results, seconds),
+                meta=_meta(ws, results, seconds, curves),
                 definitions=DEFINITIONS,
                 environment={**environment(), "allocator": allocator},
-                sections=_sections(ws, results, add_ratios(rows)),
+                sections=_sections(ws, results, add_ratios(rows), curves, tb_dir),
             )
     paths = {key: out_dir / path.name for key, path in written.items()}
     rows = add_ratios(rows)
@@ -360,6 +448,8 @@ def run(
         print(line)
     print(f"report: {paths['html']}  (also {paths['csv'].name}, {paths['json'].name})")
     print(f"dashboard: {dashboard_command(paths['study'])}")
+    if curves:
+        print(f"training curves: tensorboard --logdir {tb_dir}")
     if warning := ws.baseline_info.partial_warning(rows[0].get("perplexity")):
         print(f"\n{warning}", file=sys.stderr)
     n_failed = sum(r["status"] != "ok" for r in rows)

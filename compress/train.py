@@ -31,6 +31,9 @@ from compress.models.adapter import model_device
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+StepLog = Callable[[dict], None]
+"""Receives one record per optimizer step: step, train_loss, lr, grad_norm (before clipping),
+tokens_per_s (of that step) and, at validation points, val_loss."""
 
 
 @dataclass(frozen=True)
@@ -191,12 +194,14 @@ def train(
     resume: TrainState | None = None,
     on_checkpoint: Callable[[nn.Module, TrainState, TrainReport], None] | None = None,
     stop_at: int | None = None,
+    on_log: StepLog | None = None,
 ) -> TrainReport:
     """Train ``model`` in place on random windows of ``train_ids`` and return what happened.
 
     ``loss_fn`` is what is minimised; ``val_loss_fn`` (default: the same) is what validation and
     early stopping watch, e.g. plain cross-entropy while distilling. ``on_step`` runs after every
-    optimizer step, e.g. to keep pruned weights at zero.
+    optimizer step, e.g. to keep pruned weights at zero; ``on_log`` receives every step's record
+    (see :data:`StepLog`), e.g. for training curves.
 
     ``resume`` continues a run from the state an earlier call handed to ``on_checkpoint``
     (``model`` must hold that call's weights at that step). ``on_checkpoint(model, state,
@@ -275,6 +280,7 @@ def train(
             if stop_at is not None and step >= stop_at:
                 stopped_by = "step_cap"
                 break
+            step_start = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -283,8 +289,12 @@ def train(
                 loss = loss_fn(model, x.to(device), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            grad_norm = None
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            elif on_log is not None:
+                norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+                grad_norm = torch.stack(norms).norm() if norms else None
             opt.step()
             if on_step is not None:
                 on_step()
@@ -294,10 +304,20 @@ def train(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
+            record = {
+                "step": step,
+                "train_loss": loss_value,
+                "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": x.numel() / (time.perf_counter() - step_start),
+            }
             if val_ids is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val = estimate_loss(model, val_ids, cfg, val_loss_fn)
                 history.append({"step": step, "train_loss": loss_value, "val_loss": val})
                 log.info("%s step %d: train %.4f val %.4f", desc, step, loss_value, val)
+                record["val_loss"] = val
+                if on_log is not None:
+                    on_log(record)
                 if best_val is None or val < best_val:
                     best_val, best_step, bad_evals = val, step, 0
                     if cfg.early_stop_patience is not None:
@@ -307,6 +327,8 @@ def train(
                     if cfg.early_stop_patience is not None and bad_evals >= cfg.early_stop_patience:
                         stopped_by = "early_stop"
                         break
+            elif on_log is not None:
+                on_log(record)
             every = cfg.checkpoint_every
             if every and step % every == 0 and step < cfg.max_steps:
                 checkpoint()

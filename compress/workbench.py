@@ -3,7 +3,8 @@
     prepare(recipe)  -> corpus, tokenizer, token ids, baseline (the built-in GPT trained or
                         cached, or a Hugging Face model), unigram reference
     build_variant    -> baseline copy through the variant's compressor stages, stage reports
-    measure_static   -> perplexity, memory, saved size, peak RSS of one variant
+    measure_static   -> perplexity, top-1 accuracy and agreement with the baseline, greedy
+                        continuations scored with BLEU/chrF, memory, saved size, peak RSS
     paired_latency   -> the variant and the baseline timed in alternating rounds, so drift on a
                         noisy machine hits both alike; the ratio is the paired one, with its
                         bootstrap confidence interval (rounds go on until it is narrow enough)
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from compress.cache import stable_hash
 from compress.compressors import REGISTRY, StageContext, StageReport, run_stage
 from compress.data import (
     Corpus,
@@ -42,7 +44,9 @@ from compress.data import (
     train_tokenizer,
     unigram_perplexity,
 )
-from compress.errors import CompressError
+from compress.errors import CompressError, RecipeError
+from compress.evaluate.accuracy import Top1, top1
+from compress.evaluate.generation import greedy, held_out_prompts, text_scores
 from compress.evaluate.latency import (
     LatencyResult,
     PairedLatency,
@@ -65,14 +69,29 @@ from compress.models.adapter import ModelAdapter, adapter_for, resolve_device
 from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baseline
 from compress.models.gpt import PRESETS, GPTConfig
 from compress.preflight import check_tokens
-from compress.recipe import Recipe, VariantSpec, stage_seq_lens, variant_stages
+from compress.recipe import Recipe, VariantSpec, parse_stage, stage_seq_lens, variant_stages
 from compress.runtime import building_allocator, release_memory
+from compress.settings import DataSpec
+from compress.sweep.space import split_stage
 from compress.train import TrainConfig
 from compress.variant import save_variant
 
 log = logging.getLogger(__name__)
 
 BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What every variant is compared with: the baseline's top-1 predictions on the scored
+    tokens, and the generation prompts with their reference text and the baseline's
+    continuations (empty lists when generation is off)."""
+
+    top1: Top1
+    prompts: list[str]
+    references: list[str]
+    continuations: list[str]
+    prompt_ids: torch.Tensor | None  # (K, prompt_tokens)
 
 
 @dataclass
@@ -89,6 +108,10 @@ class Workspace:
     # The baseline's perplexity, window by window: what every variant's difference is paired
     # with. Set when the baseline is measured, or scored on first need.
     baseline_perplexity: PerplexityResult | None = None
+    base_dir: Path = Path(".")  # the recipe's folder: relative data paths start here
+    # token ids of the other corpora stages train on (finetune), by data_key(spec)
+    data_tokens: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    _reference: Reference | None = field(default=None, repr=False)
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -99,6 +122,20 @@ class Workspace:
         """Token ids below this are valid inputs for the tokenizer and the model alike (random
         inputs for timing are drawn from it)."""
         return min(self.tokenizer.vocab_size, self.adapter.vocab_size(self.baseline))
+
+    def load_tokens(self, spec: DataSpec) -> dict[str, torch.Tensor]:
+        """Token ids per split of the corpus ``spec``, in the run's tokenizer (cached)."""
+        key = data_key(spec)
+        if key not in self.data_tokens:
+            corpus = load_corpus_spec(spec, self.base_dir)
+            self.data_tokens[key] = encode_splits(self.tokenizer, corpus)
+        return self.data_tokens[key]
+
+    def reference(self) -> Reference:
+        """The baseline's outputs every variant is compared with (computed once)."""
+        if self._reference is None:
+            self._reference = _reference(self)
+        return self._reference
 
 
 @dataclass
@@ -112,6 +149,7 @@ class VariantResult:
     latency: LatencyResult | None = None
     rss: dict | None = None
     traceback: str | None = None
+    continuations: list[str] | None = None  # greedy continuations of the generation prompts
 
     @property
     def status(self) -> str:
@@ -136,12 +174,38 @@ def train_config(recipe: Recipe) -> TrainConfig:
 
 
 def load_corpus(recipe: Recipe, base_dir: Path) -> Corpus:
-    spec = recipe.data
+    return load_corpus_spec(recipe.data, base_dir)
+
+
+def load_corpus_spec(spec: DataSpec, base_dir: Path) -> Corpus:
     if spec.corpus == "builtin":
         return builtin_corpus()
     if spec.corpus == "hf":
         return hf_corpus(spec.path, spec.name, spec.text_field, dict(spec.splits))
     return files_corpus(spec.files, base_dir=base_dir, fractions=spec.fractions)
+
+
+def data_key(spec: DataSpec) -> str:
+    return stable_hash(spec.model_dump(mode="json"))
+
+
+def stage_corpora(recipe: Recipe) -> list[DataSpec]:
+    """The corpora the stages train on besides the run's own (finetune's ``data``): those of
+    the variants, and those a sweep's pipeline template names without a ``$parameter`` (a
+    corpus chosen by a parameter is read when a trial first needs it)."""
+    stages = [stage for variant in recipe.variants for stage in variant_stages(variant)]
+    if recipe.sweep is not None:
+        for item in recipe.sweep.pipeline:
+            try:
+                stages.append(parse_stage(split_stage(item)[0], "sweep.pipeline", "<recipe>"))
+            except RecipeError:  # settings with $parameters: known per trial only
+                continue
+    out: dict[str, DataSpec] = {}
+    for stage in stages:
+        spec = getattr(stage.config, "data", None)
+        if isinstance(spec, DataSpec):
+            out[data_key(spec)] = spec
+    return list(out.values())
 
 
 def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
@@ -150,6 +214,8 @@ def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
     start = time.perf_counter()
     device = resolve_device(recipe.device)
     corpus = load_corpus(recipe, base_dir)
+    # Read the stages' corpora now, so a missing file stops the run before any training.
+    others = {data_key(s): load_corpus_spec(s, base_dir) for s in stage_corpora(recipe)}
     if recipe.model.hf is not None:
         baseline, info, tokenizer = load_hf_baseline(recipe.model, base_dir)
         tokens = encode_splits(tokenizer, corpus)
@@ -183,6 +249,7 @@ def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
     eval_ids = _eval_ids(recipe, tokens)
     unigram = unigram_perplexity(tokens["train"], eval_ids, tokenizer.vocab_size)
     log.info("unigram perplexity of %s split: %.2f", split, unigram)
+    data_tokens = {key: encode_splits(tokenizer, c) for key, c in others.items()}
     return Workspace(
         recipe,
         corpus,
@@ -193,6 +260,8 @@ def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
         unigram,
         time.perf_counter() - start,
         device,
+        base_dir,
+        data_tokens,
     )
 
 
@@ -203,6 +272,7 @@ def _check_context(recipe: Recipe, max_len: int | None) -> None:
     asks = [
         ("eval.perplexity.seq_len", recipe.eval.perplexity.seq_len),
         ("eval.latency.seq_len", recipe.eval.latency.seq_len),
+        ("eval.generation.prompt_tokens + new_tokens - 1", recipe.eval.generation_tokens),
     ]
     if recipe.calibration.seq_len is not None:
         asks.append(("calibration.seq_len", recipe.calibration.seq_len))
@@ -213,6 +283,11 @@ def _check_context(recipe: Recipe, max_len: int | None) -> None:
             if isinstance(calib, dict) and isinstance(calib.get("seq_len"), int):
                 key = f"variants[{i}].pipeline[{j}].{name}.calibration.seq_len"
                 asks.append((key, calib["seq_len"]))
+            nested = settings.get("train") if isinstance(settings, dict) else None
+            if isinstance(nested, dict) and isinstance(nested.get("seq_len"), int):
+                asks.append(
+                    (f"variants[{i}].pipeline[{j}].{name}.train.seq_len", nested["seq_len"])
+                )
     for key, n in [*asks, *stage_seq_lens(recipe)]:
         if n > max_len:
             raise CompressError(f"{key} = {n} exceeds the model's context length {max_len}")
@@ -239,6 +314,8 @@ def build_variant(
         progress=progress,
         calibration=ws.recipe.calibration,
         fingerprint=f"{ws.corpus.fingerprint}:{ws.tokenizer.fingerprint}",
+        train=train_config(ws.recipe),
+        load_tokens=ws.load_tokens,
     )
     reports = []
     for stage in variant_stages(variant):
@@ -288,6 +365,7 @@ def measure_static(
     if model is ws.baseline:
         ws.baseline_perplexity = ppl
     set_perplexity(m, ppl, baseline_perplexity(ws), recipe.seed)
+    continuations = measure_quality(ws, model, m)
     if variant_dir.exists():
         shutil.rmtree(variant_dir)
     save_variant(model, variant_dir, extra={"variant": name, "stages": description})
@@ -303,7 +381,53 @@ def measure_static(
         m.rss_after_load_bytes = rss["rss_after_load_bytes"]
         m.rss_after_import_bytes = rss["rss_after_import_bytes"]
         m.model_rss_bytes = rss["peak_rss_bytes"] - rss["rss_after_import_bytes"]
-    return VariantResult(name, m, description, None, reports, ppl, None, rss)
+    return VariantResult(
+        name, m, description, None, reports, ppl, None, rss, continuations=continuations
+    )
+
+
+def _top1(ws: Workspace, model: nn.Module) -> Top1:
+    spec = ws.recipe.eval.perplexity
+    return top1(model, _eval_ids(ws.recipe, ws.tokens), spec.seq_len, spec.stride, spec.batch_size)
+
+
+def _continue(ws: Workspace, model: nn.Module, prompt_ids: torch.Tensor) -> list[str]:
+    new = greedy(model, prompt_ids, ws.recipe.eval.generation.new_tokens)
+    return [ws.tokenizer.decode(row.tolist()) for row in new]
+
+
+def _reference(ws: Workspace) -> Reference:
+    gen = ws.recipe.eval.generation
+    if not gen.prompts:
+        return Reference(_top1(ws, ws.baseline), [], [], [], None)
+    pairs = held_out_prompts(
+        _eval_ids(ws.recipe, ws.tokens), gen.prompts, gen.prompt_tokens, gen.new_tokens
+    )
+    return Reference(
+        top1=_top1(ws, ws.baseline),
+        prompts=[ws.tokenizer.decode(row.tolist()) for row in pairs.prompts],
+        references=[ws.tokenizer.decode(row.tolist()) for row in pairs.references],
+        continuations=_continue(ws, ws.baseline, pairs.prompts),
+        prompt_ids=pairs.prompts,
+    )
+
+
+def measure_quality(ws: Workspace, model: nn.Module, m: Measurement) -> list[str] | None:
+    """Top-1 accuracy and agreement with the baseline on the scored tokens; BLEU and chrF of
+    greedy continuations against the text and against the baseline's. Fills ``m``; returns
+    the continuations (None when generation is off)."""
+    ref = ws.reference()
+    mine = ref.top1 if model is ws.baseline else _top1(ws, model)
+    m.top1_accuracy = mine.accuracy
+    m.top1_agreement = mine.agreement(ref.top1)
+    if ref.prompt_ids is None:
+        return None
+    texts = ref.continuations if model is ws.baseline else _continue(ws, model, ref.prompt_ids)
+    against_text = text_scores(texts, ref.references)
+    against_baseline = text_scores(texts, ref.continuations)
+    m.bleu, m.chrf = against_text.bleu, against_text.chrf
+    m.bleu_fidelity, m.chrf_fidelity = against_baseline.bleu, against_baseline.chrf
+    return texts
 
 
 def _perplexity(ws: Workspace, model: nn.Module) -> PerplexityResult:

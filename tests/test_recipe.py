@@ -41,7 +41,7 @@ def _err(data) -> str:
         (
             {"variants": [{"name": "a", "pipeline": [{"int9": {}}]}]},
             "variants[0].pipeline[0]: unknown compressor 'int9'; allowed: distill, dynamic-int8, "
-            "fp4, gptq, int8, nf4, prune, rtn, structured",
+            "finetune, fp4, gptq, int8, nf4, prune, rtn, structured",
         ),
         (
             {"variants": [{"name": "a", "pipeline": [{"int8": {"threshold": -1}}]}]},

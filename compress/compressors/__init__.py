@@ -8,6 +8,7 @@ from __future__ import annotations
 from compress.compressors import (
     distill,  # noqa: F401  (registers distill)
     dynamic_int8,  # noqa: F401  (registers dynamic-int8)
+    finetune,  # noqa: F401  (registers finetune)
     gptq,  # noqa: F401  (registers gptq)
     prune,  # noqa: F401  (registers prune)
     quantize,  # noqa: F401  (registers int8, nf4, fp4)

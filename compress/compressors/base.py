@@ -22,6 +22,11 @@ from pydantic import BaseModel, ConfigDict
 
 from compress.data.calibration import CalibrationSpec
 from compress.evaluate.memory import module_weight_bytes, param_count
+from compress.settings import DataSpec
+from compress.train import TrainConfig
+
+TokenLoader = Callable[[DataSpec], dict[str, torch.Tensor]]
+"""Token ids per split (train, valid, test) of a corpus, in the run's tokenizer."""
 
 
 class StageConfig(BaseModel):
@@ -42,7 +47,10 @@ class StageContext:
     this run by variant name ("baseline" first), e.g. teachers for distillation; ``seed`` makes
     stochastic stages reproducible; ``progress`` shows progress bars for long stages.
     ``calibration`` is the recipe's calibration setting (a stage may override it) and
-    ``fingerprint`` identifies the corpus and tokenizer that made ``tokens`` (cache keys).
+    ``fingerprint`` identifies the corpus and tokenizer that made ``tokens`` (cache keys);
+    ``train`` is the run's own training settings (the baseline's), which a training stage
+    defaults to;
+    ``load_tokens`` gives another corpus's token ids in the run's tokenizer.
     """
 
     seed: int = 0
@@ -51,6 +59,8 @@ class StageContext:
     progress: bool = False
     calibration: CalibrationSpec | None = None
     fingerprint: str = ""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    load_tokens: TokenLoader | None = None
 
 
 @dataclass
@@ -67,6 +77,8 @@ class StageReport:
     touched_bytes_after: int = 0  # ... and after
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. bits per weight, sparsity
+    # A stage that trains: one record per optimizer step (see compress.train.StepLog)
+    curve: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

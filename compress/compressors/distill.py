@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from compress.compressors.base import StageConfig, StageContext, StageReport, register
+from compress.compressors.training import sparsity_keeper, trainable_parameters
 from compress.errors import CompressError
 from compress.models.adapter import adapter_for, families
 from compress.models.builtin import STUDENT_FIELDS as BUILTIN_STUDENT_FIELDS
@@ -105,18 +106,6 @@ def _student(model: nn.Module, cfg: DistillConfig, seed: int) -> nn.Module:
     return adapter_for(model).student(model, dict(cfg.student), seed)
 
 
-def _trainable(model: nn.Module) -> list[torch.nn.Parameter]:
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    frozen = [n for n, m in model.named_modules() if type(m).__name__.startswith("Linear8bit")]
-    frozen += [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
-    if frozen:
-        raise CompressError(
-            f"distill: the model has quantized layers ({frozen[0]}, ...) that cannot be trained; "
-            "put distill before quantization in the pipeline"
-        )
-    return params
-
-
 @register("distill", DistillConfig)
 def apply_distill(
     model: nn.Module, cfg: DistillConfig, ctx: StageContext
@@ -132,16 +121,10 @@ def apply_distill(
             raise CompressError(f"distill: needs the {split!r} token split")
     teacher = ctx.models[cfg.teacher].eval()
     student = _student(model, cfg, ctx.seed)
-    params = _trainable(student)
-    masks = []
+    params = trainable_parameters(student, "distill")
+    masked, keep_zeros = 0, None
     if cfg.keep_sparsity and cfg.student == "current":
-        masks = [(p, p != 0) for p in params if p.dim() >= 2 and bool((p == 0).any())]
-
-    def reapply_masks() -> None:
-        with torch.no_grad():
-            for p, mask in masks:
-                p.mul_(mask)
-
+        masked, keep_zeros = sparsity_keeper(params)
     requires_grad = {id(p): p.requires_grad for p in params}
     for p in params:
         p.requires_grad_(True)
@@ -149,6 +132,7 @@ def apply_distill(
         p.requires_grad_(False)
     train_cfg = cfg.train_config(ctx.seed)
     before = estimate_loss(student, ctx.tokens["valid"], train_cfg, lm_loss)
+    curve: list[dict] = []
     result = train(
         student,
         ctx.tokens["train"],
@@ -158,12 +142,13 @@ def apply_distill(
         val_loss_fn=lm_loss,
         desc="distill",
         progress=ctx.progress,
-        on_step=reapply_masks if masks else None,
+        on_step=keep_zeros,
+        on_log=curve.append,
     )
     for p in params:
         p.requires_grad_(requires_grad[id(p)])
     student.eval()
-    report = StageReport(stage="distill", config=cfg.model_dump())
+    report = StageReport(stage="distill", config=cfg.model_dump(), curve=curve)
     report.touched = [
         {
             "module": "(whole model)",
@@ -181,6 +166,6 @@ def apply_distill(
         stopped_by=result.stopped_by,
         best_step=result.best_step,
         train_seconds=result.seconds,
-        masked_tensors=len(masks),
+        masked_tensors=masked,
     )
     return student, report

@@ -54,7 +54,9 @@ class BaselineInfo:
     key: str
     path: Path | str  # the cache entry, the model's directory, or its hub id
     cached: bool  # True when loaded (cache, directory, hub), False when trained by this call
-    train: dict | None  # the built-in GPT's TrainReport (as stored); None for a loaded model
+    # the built-in GPT's TrainReport as stored, with "curve": every step's record (an entry
+    # cached before curves were kept has none); None for a loaded model
+    train: dict | None
     description: str = "built-in GPT"
 
     @property
@@ -141,9 +143,11 @@ def get_baseline(
     if model is None or state is None:
         torch.manual_seed(train_cfg.seed)
         model, state = GPT(cfg), None
+    # every step's record, for training curves; a resumed run continues the stored one
+    curve: list[dict] = list((report or {}).get("curve") or []) if state is not None else []
 
     def keep(m: nn.Module, s: TrainState, r: TrainReport) -> None:
-        _write_entry(path, m, r, s)
+        _write_entry(path, m, {**r.to_dict(), "curve": curve}, s)
 
     result: TrainReport = train(
         model,
@@ -155,10 +159,12 @@ def get_baseline(
         resume=state,
         on_checkpoint=keep,
         stop_at=stop_at,
+        on_log=curve.append,
     )
+    stored = {**result.to_dict(), "curve": curve}
     if not result.partial:  # a partial run's entry was written by its last checkpoint
-        _write_entry(path, model, result, None)
-    return model.eval(), BaselineInfo(key, path, False, result.to_dict(), desc)
+        _write_entry(path, model, stored, None)
+    return model.eval(), BaselineInfo(key, path, False, stored, desc)
 
 
 def _read_entry(path: Path) -> tuple[GPT | None, dict | None, TrainState | None]:
@@ -176,9 +182,7 @@ def _read_entry(path: Path) -> tuple[GPT | None, dict | None, TrainState | None]
     return model, report, state
 
 
-def _write_entry(
-    path: Path, model: nn.Module, report: TrainReport, state: TrainState | None
-) -> None:
+def _write_entry(path: Path, model: nn.Module, report: dict, state: TrainState | None) -> None:
     """Write the entry to a temporary folder and swap it in, so a crash never leaves a
     half-written entry (at worst the previous checkpoint is lost, and training restarts)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +190,7 @@ def _write_entry(
     save_variant(model, tmp)
     if state is not None:
         state.save(tmp / STATE_DIR)
-    (tmp / "train.json").write_text(json.dumps(report.to_dict(), indent=2))
+    (tmp / "train.json").write_text(json.dumps(report, indent=2))
     seal_dir(tmp)
     old = None
     if path.exists():

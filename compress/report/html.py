@@ -204,7 +204,8 @@ def _summary_table(rows: Sequence[dict]) -> str:
     )
 
 
-def _charts_html(charts: Sequence[tuple[str, bytes]]) -> str:
+def charts_html(charts: Sequence[tuple[str, bytes]]) -> str:
+    """(title, PNG bytes) pairs as figures embedded as data URIs, side by side."""
     figures = []
     for title, png in charts:
         data = base64.b64encode(png).decode("ascii")
@@ -245,7 +246,7 @@ def render_html(
         )
         head.insert(0, ("Partial baseline", notice))
     if charts:
-        head.append(("Charts", _charts_html(charts)))
+        head.append(("Charts", charts_html(charts)))
     return html_page(
         title,
         [*head, *sections],

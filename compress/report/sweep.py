@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from compress import atomic
 from compress.metrics import as_float, ratio
-from compress.report.html import _MB, _charts_html, format_value, html_page, html_table
+from compress.report.html import _MB, charts_html, format_value, html_page, html_table
 from compress.report.plots import legend_png
 from compress.report.tables import METRIC_COLUMNS, jsonable, write_csv, write_json
 
@@ -807,7 +807,7 @@ def _importance_html(
     parts = [html_table(records)]
     png = importance_chart(series, labels)
     if png is not None:
-        parts.append(_charts_html([("Parameter importance per objective", png)]))
+        parts.append(charts_html([("Parameter importance per objective", png)]))
     if note:
         parts.append(_p(note))
     return "".join(parts)
@@ -1002,7 +1002,7 @@ def write_sweep_report(
         ("Summary", _summary_html(trials, objectives, constraints, a)),
         (
             "Pareto front plots",
-            _charts_html(charts)
+            charts_html(charts)
             + _p(
                 "Every COMPLETE trial; the step line is the 2-D front of the feasible ones for "
                 "that pair of metrics; circled points are the seeded variants."

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from compress import atomic
-from compress.metrics import CATALOG, QUANTIZED_RATIO, RATIO_OF, ratios
+from compress.metrics import CATALOG, QUANTIZED_RATIO, RATIO_OF, SHORTFALL_OF, ratios
 from compress.storage import mask_urls
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ def _column_order() -> tuple[str, ...]:
             out.append(f"{m.key}_ratio")
         if m.key == "quantized_layer_bytes":
             out.append(QUANTIZED_RATIO)
+        if m.key in SHORTFALL_OF:
+            out.append(f"{m.key}_shortfall")
     return tuple(out)
 
 

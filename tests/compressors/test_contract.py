@@ -19,6 +19,7 @@ from compress.variant import load_variant, save_variant
 
 FAST_SETTINGS: dict[str, dict] = {
     "distill": {"max_steps": 6, "eval_every": 3, "eval_batches": 1, "seq_len": 64},
+    "finetune": {"train": {"max_steps": 6, "eval_every": 3, "eval_batches": 1, "seq_len": 64}},
     "structured": {"ratio": 0.5},
     "rtn": {"group_size": 64},  # the tiny model's 64-wide layers
     "gptq": {"group_size": 64, "calibration": {"samples": 16, "seq_len": 64}},

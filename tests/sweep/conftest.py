@@ -45,6 +45,8 @@ def sweep_recipe(**sweep_overrides) -> dict:
     recipe.pop("variants")
     recipe["eval"]["memory"] = {"peak_rss": False}
     recipe["eval"]["latency"].update(repeats=3, warmup=1)
+    # every trial also generates: two short continuations keep trials short
+    recipe["eval"]["generation"] = {"prompts": 2, "prompt_tokens": 16, "new_tokens": 8}
     recipe["sweep"] = {**copy.deepcopy(SWEEP), **sweep_overrides}
     return recipe
 
