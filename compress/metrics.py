@@ -445,6 +445,10 @@ def measurement_problem(data: Any) -> str | None:
             if f.name in MEASURED_ALWAYS:
                 return f"{f.name!r} is missing its value"
             continue
+        if str(f.type).startswith("bool"):  # a flag (latency_noisy, ppl_within_noise)
+            if not isinstance(value, bool):
+                return f"{f.name!r} is {value!r}, not true or false"
+            continue
         wanted = int if str(f.type).startswith("int") else (int, float)
         if isinstance(value, bool) or not isinstance(value, wanted):
             return f"{f.name!r} is {value!r}, not {'an integer' if wanted is int else 'a number'}"

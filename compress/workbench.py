@@ -260,8 +260,8 @@ def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
         unigram,
         time.perf_counter() - start,
         device,
-        base_dir,
-        data_tokens,
+        base_dir=base_dir,
+        data_tokens=data_tokens,
     )
 
 

@@ -50,7 +50,9 @@ def test_summary_table_shows_intervals_and_flags() -> None:
 
 
 def test_noise_notes_name_the_untrustworthy_numbers() -> None:
-    recipe = recipe_from_dict({"name": "x"})
+    recipe = recipe_from_dict(
+        {"name": "x", "variants": [{"name": "v", "pipeline": [{"int8": {}}]}]}
+    )
     notes = noise_notes(ROWS, recipe)
     assert notes == [
         "noise: int8: latency ratio 1.550 is NOISY (95% CI 0.900-2.400, wider than ±3% after "

@@ -15,7 +15,7 @@ from compress.models import baseline as baseline_mod
 def test_partial_baseline_is_reported_loudly(tmp_path, monkeypatch, capsys, tiny_recipe_dict):
     data = copy.deepcopy(tiny_recipe_dict)
     data["train"]["max_steps"] = 40  # its own cache entry, not the session's tiny baseline
-    data["variants"] = []
+    data["variants"] = [{"name": "int8", "pipeline": [{"int8": {}}]}]
     data["eval"]["memory"] = {"peak_rss": False}
     recipe = tmp_path / "partial.yaml"
     recipe.write_text(yaml.safe_dump(data))
@@ -32,7 +32,7 @@ def test_partial_baseline_is_reported_loudly(tmp_path, monkeypatch, capsys, tiny
     assert "the baseline is PARTIAL (3 of 40 steps" in captured.err
     assert "train.partial: accept" in captured.err
     df = pd.read_csv(out / "results.csv")
-    assert list(df["baseline_partial"]) == ["partial: 3 of 40 steps"]
+    assert list(df["baseline_partial"]) == ["partial: 3 of 40 steps"] * 2
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["baseline"]["train"]["partial"] is True
     assert meta["baseline"]["train"]["steps"] == 3

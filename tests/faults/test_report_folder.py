@@ -303,6 +303,7 @@ class _FakeWorkspace:
 
     class baseline_info:
         partial = False  # a baseline whose training was cut short
+        train = None  # a loaded model: no training curve
 
         @staticmethod
         def headline() -> str:
