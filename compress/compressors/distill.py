@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from compress.compressors.base import StageConfig, StageContext, StageReport, register
-from compress.compressors.training import sparsity_keeper, trainable_parameters
+from compress.compressors.training import all_trainable, sparsity_keeper, trainable_parameters
 from compress.errors import CompressError
 from compress.models.adapter import adapter_for, families
 from compress.models.builtin import STUDENT_FIELDS as BUILTIN_STUDENT_FIELDS
@@ -125,28 +125,24 @@ def apply_distill(
     masked, keep_zeros = 0, None
     if cfg.keep_sparsity and cfg.student == "current":
         masked, keep_zeros = sparsity_keeper(params)
-    requires_grad = {id(p): p.requires_grad for p in params}
-    for p in params:
-        p.requires_grad_(True)
     for p in teacher.parameters():
         p.requires_grad_(False)
     train_cfg = cfg.train_config(ctx.seed)
     before = estimate_loss(student, ctx.tokens["valid"], train_cfg, lm_loss)
     curve: list[dict] = []
-    result = train(
-        student,
-        ctx.tokens["train"],
-        train_cfg,
-        val_ids=ctx.tokens["valid"],
-        loss_fn=kd_loss(teacher, cfg.alpha, cfg.temperature),
-        val_loss_fn=lm_loss,
-        desc="distill",
-        progress=ctx.progress,
-        on_step=keep_zeros,
-        on_log=curve.append,
-    )
-    for p in params:
-        p.requires_grad_(requires_grad[id(p)])
+    with all_trainable(params):
+        result = train(
+            student,
+            ctx.tokens["train"],
+            train_cfg,
+            val_ids=ctx.tokens["valid"],
+            loss_fn=kd_loss(teacher, cfg.alpha, cfg.temperature),
+            val_loss_fn=lm_loss,
+            desc="distill",
+            progress=ctx.progress,
+            on_step=keep_zeros,
+            on_log=curve.append,
+        )
     student.eval()
     report = StageReport(stage="distill", config=cfg.model_dump(), curve=curve)
     report.touched = [

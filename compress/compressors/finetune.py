@@ -19,7 +19,7 @@ import torch.nn as nn
 from pydantic import field_serializer, field_validator
 
 from compress.compressors.base import StageConfig, StageContext, StageReport, register
-from compress.compressors.training import sparsity_keeper, trainable_parameters
+from compress.compressors.training import all_trainable, sparsity_keeper, trainable_parameters
 from compress.errors import CompressError
 from compress.settings import DataSpec, TrainSpec
 from compress.train import TrainConfig, estimate_loss, train
@@ -85,24 +85,20 @@ def apply_finetune(
             raise CompressError(f"finetune: {cfg.data_description()} has no {split!r} tokens")
     params = trainable_parameters(model, "finetune")
     masked, keep_zeros = sparsity_keeper(params) if cfg.keep_sparsity else (0, None)
-    requires_grad = {id(p): p.requires_grad for p in params}
-    for p in params:
-        p.requires_grad_(True)
     train_cfg = cfg.train_config(ctx.train)
     before = estimate_loss(model, tokens["valid"], train_cfg)
     curve: list[dict] = []
-    result = train(
-        model,
-        tokens["train"],
-        train_cfg,
-        val_ids=tokens["valid"],
-        desc="finetune",
-        progress=ctx.progress,
-        on_step=keep_zeros,
-        on_log=curve.append,
-    )
-    for p in params:
-        p.requires_grad_(requires_grad[id(p)])
+    with all_trainable(params):
+        result = train(
+            model,
+            tokens["train"],
+            train_cfg,
+            val_ids=tokens["valid"],
+            desc="finetune",
+            progress=ctx.progress,
+            on_step=keep_zeros,
+            on_log=curve.append,
+        )
     model.eval()
     report = StageReport(stage="finetune", config=cfg.model_dump(), curve=curve)
     report.touched = [

@@ -3,7 +3,8 @@ weights at zero while they do."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -38,3 +39,17 @@ def sparsity_keeper(params: list[nn.Parameter]) -> tuple[int, Callable[[], None]
                 p.mul_(mask)
 
     return len(masks), reapply
+
+
+@contextmanager
+def all_trainable(params: list[nn.Parameter]) -> Iterator[None]:
+    """Every parameter of ``params`` trains inside the block; each gets its own
+    ``requires_grad`` back afterwards, also when training fails."""
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)
