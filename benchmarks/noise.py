@@ -21,6 +21,7 @@ recorded. Writes tidy rows (what, config, metric, value, machine) to
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -53,7 +54,20 @@ BUSY_LOOP = "while True:\n    pass\n"
 
 
 def start_load(procs: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(procs)]
+    """``procs`` busy loops, the i-th pinned to the i-th CPU this process may use (where the
+    platform can pin), so the load is one whole core each rather than the scheduler's choice."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    running = []
+    for i in range(procs):
+        pin = None
+        if cpus:
+            core = cpus[i % len(cpus)]
+
+            def pin(core: int = core) -> None:
+                os.sched_setaffinity(0, {core})
+
+        running.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP], preexec_fn=pin))
+    return running
 
 
 def stop_load(running: list[subprocess.Popen]) -> None:
@@ -160,6 +174,15 @@ def main() -> None:
                 flush=True,
             )
 
+    # The claim under test: a ratio measured under load either lies within 10% of the quiet
+    # one (the median of the idle measurements) or is marked noisy; otherwise it is silently
+    # wrong.
+    quiet = statistics.median(r["ratio"] for r in measured["idle"])
+    for rows in measured.values():
+        for r in rows:
+            r["off_quiet_rel"] = abs(r["ratio"] - quiet) / quiet
+            r["silently_wrong"] = r["off_quiet_rel"] > 0.10 and not r["noisy"]
+
     summary: dict[str, dict[str, float]] = {}
     for condition, rows in measured.items():
         summary[condition] = {
@@ -173,6 +196,7 @@ def main() -> None:
             "median_rounds": statistics.median(r["rounds"] for r in rows),
             "median_seconds": statistics.median(r["seconds"] for r in rows),
             "median_load_avg_after": statistics.median(r["load_avg_after"] or 0 for r in rows),
+            "silently_wrong": sum(r["silently_wrong"] for r in rows),
         }
 
     env_info = environment()
@@ -222,27 +246,37 @@ def main() -> None:
         f"95% interval is within ±{lat.ci_target:.0%} or {lat.max_seconds:g} s are spent. "
         f"'idle': no synthetic load (the "
         "machine's own background load is in the last column); 'loaded': "
-        f"{args.load_procs} busy-loop process(es) beside it.",
+        f"{args.load_procs} busy-loop process(es) beside it, each pinned to one core. "
+        f"'silently wrong': more than 10% from the quiet ratio (the idle median, {quiet:.4f}) "
+        "and not marked noisy.",
         "",
-        "| condition | CI contains reference | noisy | median ±half-width | max ±half-width "
-        "| median ratio | median rounds | median s | median load avg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| condition | CI contains reference | noisy | silently wrong | median ±half-width "
+        "| max ±half-width | median ratio | median rounds | median s | median load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for condition, s in summary.items():
         md.append(
             f"| {condition} | {s['covers_reference']} of {s['measurements']} "
-            f"| {s['noisy']} of {s['measurements']} | {s['median_half_width_rel']:.1%} "
+            f"| {s['noisy']} of {s['measurements']} "
+            f"| {s['silently_wrong']} of {s['measurements']} | {s['median_half_width_rel']:.1%} "
             f"| {s['max_half_width_rel']:.1%} | {s['median_ratio']:.4f} "
             f"| {s['median_rounds']:g} | {s['median_seconds']:.1f} "
             f"| {s['median_load_avg_after']:.1f} |"
         )
-    md += ["", "Every measurement:", "", "| condition | ratio | 95% CI | noisy | rounds | s |"]
-    md.append("|---|---|---|---|---|---|")
+    md += [
+        "",
+        "Every measurement:",
+        "",
+        "| condition | ratio | 95% CI | noisy | off quiet | silently wrong | rounds | s "
+        "| load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for condition, rows in measured.items():
         for r in rows:
             md.append(
                 f"| {condition} | {r['ratio']:.4f} | {r['lo']:.4f}-{r['hi']:.4f} "
-                f"| {r['noisy']} | {r['rounds']} | {r['seconds']:.1f} |"
+                f"| {r['noisy']} | {r['off_quiet_rel']:.1%} | {r['silently_wrong']} "
+                f"| {r['rounds']} | {r['seconds']:.1f} | {r['load_avg_after'] or 0:.1f} |"
             )
     (args.out / "noise.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
