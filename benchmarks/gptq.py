@@ -54,7 +54,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128, help="calibration windows")
     ap.add_argument("--train-minutes", type=float, default=20, help="built-in baseline cap")
     args = ap.parse_args()
-    data = {"calibration": {"samples": args.samples}, "train": {"max_minutes": args.train_minutes}}
+    data = {
+        "calibration": {"samples": args.samples},
+        "train": {"max_minutes": args.train_minutes},
+        "variants": [{"name": "gptq", "pipeline": [{"gptq": {}}]}],  # a recipe needs one
+    }
     recipe = recipe_from_dict(data, "default", "default")
     ws = prepare(recipe, REPO, progress=False)
     spec = recipe.eval.perplexity
