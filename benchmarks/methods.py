@@ -55,6 +55,7 @@ from _common import today, write_tidy  # noqa: E402
 from compress.cache import cache_dir, stable_hash  # noqa: E402
 from compress.compressors import REGISTRY, StageContext, run_stage  # noqa: E402
 from compress.compressors.gptq import gptq  # noqa: E402
+from compress.compressors.masks import lowest, lowest_per_row  # noqa: E402
 from compress.compressors.packed import (  # noqa: E402
     GROUP_SIZES,
     choose_qparams,
@@ -62,6 +63,7 @@ from compress.compressors.packed import (  # noqa: E402
     quantize,
 )
 from compress.compressors.sequential import block_linears, output_error, run_sequential  # noqa: E402
+from compress.compressors.wanda import wanda_scores  # noqa: E402
 from compress.data.calibration import CalibrationSpec, calibration_windows  # noqa: E402
 from compress.data.tokenizer import encode_splits, train_tokenizer  # noqa: E402
 from compress.evaluate.latency import paired_ratio  # noqa: E402
@@ -77,6 +79,8 @@ from compress.workbench import environment, load_corpus_spec, prepare  # noqa: E
 
 MODELS = ("builtin", "gpt2", "llama")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+# The comparison group swapped (unstructured settings only): measured by this benchmark.
+ABLATIONS = ("wanda per-layer", "magnitude per-row")
 PRUNE = {"50%": {"sparsity": 0.5}, "70%": {"sparsity": 0.7}, "2:4": {"pattern": "2:4"}}
 QUANT_BITS = {"4bit": 4, "3bit": 3}
 SETTINGS = (*PRUNE, *QUANT_BITS)
@@ -271,31 +275,54 @@ def group_size(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def simulated(model: torch.nn.Module, method: str, grid: Grid, ctx: StageContext) -> list[float]:
-    """Quantize every block linear layer with ``method`` (``rtn`` or ``gptq``) on ``grid``, block
-    by block on the calibration windows, and write the dequantized weights back (float32);
+def rewrite_blocks(model: torch.nn.Module, ctx: StageContext, new_weight) -> list[float]:
+    """Replace every block linear layer's weight by ``new_weight(w, stats)``, block by block on
+    the calibration windows (each block sees the inputs the rewritten blocks before it give);
     the per-layer output errors."""
     layout = adapter_for(model).layout(model)
     by_block, _ = block_linears(layout, block_linear_names(model))
     max_len = adapter_for(model).max_seq_len(model)
-    ids = calibration_windows(ctx.tokens, ctx.calibration, max_len, ctx.fingerprint, stage=method)
+    ids = calibration_windows(ctx.tokens, ctx.calibration, max_len, ctx.fingerprint, "methods")
     errors = []
 
     def on_block(_block, stats) -> None:
         for name, st in stats.items():
             lin = model.get_submodule(name)
             w = lin.weight.detach().float()
-            if method == "gptq":
-                codes, scales, zeros = gptq(w, st.H, grid)  # type: ignore[arg-type]
-            else:
-                scales, zeros = choose_qparams(w, grid)  # type: ignore[arg-type]
-                codes = quantize(w, scales, zeros, grid)  # type: ignore[arg-type]
-            new = dequantize(codes, scales, zeros, grid)  # type: ignore[arg-type]
+            new = new_weight(w, st)
             errors.append(output_error(w, new, st.H))
             lin.weight.copy_(new.to(lin.weight.dtype))
 
     run_sequential(model, layout, ids, by_block, on_block, 8)
     return errors
+
+
+def simulated(model: torch.nn.Module, method: str, grid: Grid, ctx: StageContext) -> list[float]:
+    """``method`` (``rtn`` or ``gptq``) codes on ``grid``, dequantized into float32 weights."""
+
+    def new_weight(w: torch.Tensor, st) -> torch.Tensor:
+        if method == "gptq":
+            codes, scales, zeros = gptq(w, st.H, grid)  # type: ignore[arg-type]
+        else:
+            scales, zeros = choose_qparams(w, grid)  # type: ignore[arg-type]
+            codes = quantize(w, scales, zeros, grid)  # type: ignore[arg-type]
+        return dequantize(codes, scales, zeros, grid)  # type: ignore[arg-type]
+
+    return rewrite_blocks(model, ctx, new_weight)
+
+
+def regrouped(model: torch.nn.Module, method: str, sparsity: float, ctx: StageContext):
+    """Ablation of the comparison group: Wanda's scores ranked over the whole layer (as
+    magnitude's are), or magnitude's ranked within each output row (as Wanda's are)."""
+
+    def new_weight(w: torch.Tensor, st) -> torch.Tensor:
+        if method == ABLATIONS[0]:
+            mask = lowest(wanda_scores(w, st.sq_norms), round(sparsity * w.numel()))
+        else:
+            mask = lowest_per_row(w.abs(), sparsity)
+        return w.masked_fill(mask, 0.0)
+
+    return rewrite_blocks(model, ctx, new_weight)
 
 
 def evaluate(model: torch.nn.Module, ids: torch.Tensor) -> float:
@@ -341,6 +368,12 @@ def variants(base: Baseline, settings: list[str], group: int):
 
         return build
 
+    def ablation(method: str, label: str):
+        def build(model, ctx):
+            return model, regrouped(model, method, PRUNE[label]["sparsity"], ctx), {}
+
+        return build
+
     def sim(method: str, bits: int):
         def build(model, ctx):
             return model, simulated(model, method, Grid(bits, group), ctx), {}
@@ -351,6 +384,9 @@ def variants(base: Baseline, settings: list[str], group: int):
         if label in PRUNE:
             for method in PRUNE_METHODS:
                 yield method, label, "dense storage", prune(method, label)
+            if "sparsity" in PRUNE[label]:
+                for method in ABLATIONS:
+                    yield method, label, "dense storage (ablation)", ablation(method, label)
         else:
             bits = QUANT_BITS[label]
             if bits == 4:
@@ -387,7 +423,7 @@ def bench(base: Baseline, settings: list[str], samples: int) -> list[list]:
         if errs:
             metrics["layer_error_mean"] = sum(errs) / len(errs)
             metrics["layer_error_max"] = max(errs)
-        if not kernel.startswith("simulated"):
+        if kernel == "dense storage" or kernel.startswith("packed"):  # ablations: as pruned
             nbytes = linear_bytes(model, names)
             metrics.update(linear_bytes=nbytes, linear_bytes_ratio=nbytes / dense_bytes)
             metrics.update(latency(base.model, model, vocab))
@@ -416,7 +452,7 @@ def merge_rows(rows: list, meta: dict, baselines: dict[str, str]) -> dict:
         order = (
             {m: i for i, m in enumerate(MODELS)},
             {s: i for i, s in enumerate(["-", *SETTINGS])},
-            {m: i for i, m in enumerate(["dense", *PRUNE_METHODS, "rtn", "gptq"])},
+            {m: i for i, m in enumerate(["dense", *PRUNE_METHODS, *ABLATIONS, "rtn", "gptq"])},
         )
         out_rows = sorted(
             merged.values(),
@@ -451,6 +487,8 @@ def verdicts(rows: list) -> list[str]:
     ]
     pairs = [(s, "sparsegpt", "magnitude", False) for s in PRUNE]
     pairs += [(s, "wanda", "magnitude", False) for s in PRUNE]
+    pairs += [(s, "wanda per-layer", "magnitude", False) for s in PRUNE]
+    pairs += [(s, "wanda", "magnitude per-row", False) for s in PRUNE]
     pairs += [("4bit", "gptq", "rtn", False), ("3bit", "gptq", "rtn", True)]
     for model in MODELS:
         for setting, a, b, sim in pairs:
@@ -526,7 +564,11 @@ def write(data: dict, machine: str) -> None:
         "",
         "Every method compresses every block linear layer (attention and MLP; not embeddings "
         "or the LM head). Pruned weights stay in dense storage (no sparse kernel here), so "
-        "their bytes and latency do not change. 4-bit rows run on the packed int4 CPU kernel "
+        "their bytes do not change and they compute what the dense model computes. "
+        "`ablation` rows swap the comparison group, to tell Wanda's score from its grouping: "
+        "`wanda per-layer` ranks Wanda's scores over the whole layer as magnitude does, "
+        "`magnitude per-row` ranks |W| within each output row as Wanda does (computed by "
+        "this benchmark, not a `prune` option). 4-bit rows run on the packed int4 CPU kernel "
         "(bf16 compute); `simulated` rows are the algorithm's codes dequantized into float32 "
         "weights by this benchmark, because no 3-bit kernel exists (the 4-bit simulated rows "
         "show how close simulation is to the kernel). The built-in model's layers have 64 "
