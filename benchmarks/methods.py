@@ -479,27 +479,55 @@ def _find(rows: list, model: str, method: str, setting: str, simulated: bool) ->
     return None
 
 
+JUDGED = [
+    *[(s, "sparsegpt", "magnitude", False) for s in PRUNE],
+    ("4bit", "gptq", "rtn", False),
+    ("3bit", "gptq", "rtn", True),
+    *[(s, "wanda", "magnitude", False) for s in PRUNE],
+    *[(s, "wanda per-layer", "magnitude", False) for s in PRUNE],
+    *[(s, "wanda", "magnitude per-row", False) for s in PRUNE],
+]
+
+
+def comparisons(rows: list) -> list[tuple[str, str, str, str, float, float]]:
+    """(model, setting, a, b, a's perplexity increase, b's) for every judged pair measured."""
+    out = []
+    for model in MODELS:
+        for setting, a, b, sim in JUDGED:
+            ra, rb = _find(rows, model, a, setting, sim), _find(rows, model, b, setting, sim)
+            if ra is not None and rb is not None:
+                label = f"{setting} (simulated)" if sim else setting
+                out.append((model, label, a, b, ra["ratio"] - 1, rb["ratio"] - 1))
+    return out
+
+
 def verdicts(rows: list) -> list[str]:
     """The comparisons the methods are judged by, one line per model and setting."""
     lines = [
         "| model | setting | comparison | perplexity increase (ratio - 1) | holds |",
         "|---|---|---|---|---|",
     ]
-    pairs = [(s, "sparsegpt", "magnitude", False) for s in PRUNE]
-    pairs += [(s, "wanda", "magnitude", False) for s in PRUNE]
-    pairs += [(s, "wanda per-layer", "magnitude", False) for s in PRUNE]
-    pairs += [(s, "wanda", "magnitude per-row", False) for s in PRUNE]
-    pairs += [("4bit", "gptq", "rtn", False), ("3bit", "gptq", "rtn", True)]
-    for model in MODELS:
-        for setting, a, b, sim in pairs:
-            ra, rb = _find(rows, model, a, setting, sim), _find(rows, model, b, setting, sim)
-            if ra is None or rb is None:
-                continue
-            da, db = ra["ratio"] - 1, rb["ratio"] - 1
-            lines.append(
-                f"| {model} | {setting}{' (simulated)' if sim else ''} | {a} below {b} | "
-                f"{da:+.4f} vs {db:+.4f} | {'yes' if da < db else 'NO'} |"
-            )
+    for model, setting, a, b, da, db in comparisons(rows):
+        lines.append(
+            f"| {model} | {setting} | {a} below {b} | {da:+.4f} vs {db:+.4f} | "
+            f"{'yes' if da < db else 'NO'} |"
+        )
+    return lines
+
+
+def reading(rows: list) -> list[str]:
+    """One line per comparison: in how many (model, setting) pairs it holds, and where not."""
+    tally: dict[tuple[str, str], list] = {}
+    for model, setting, a, b, da, db in comparisons(rows):
+        tally.setdefault((a, b), []).append((f"{model} {setting}", da < db))
+    lines = []
+    for (a, b), results in tally.items():
+        won = sum(ok for _, ok in results)
+        lost = [where for where, ok in results if not ok]
+        lines.append(
+            f"- {a} below {b}: {won} of {len(results)}"
+            + (f" (not at: {', '.join(lost)})" if lost else "")
+        )
     return lines
 
 
@@ -615,6 +643,11 @@ def write(data: dict, machine: str) -> None:
     lines += [
         "",
         "## What holds",
+        "",
+        "In how many (model, setting) pairs the first method's perplexity increase is below "
+        "the second's:",
+        "",
+        *reading(rows),
         "",
         "Perplexity increase over dense for the pairs the methods are judged by (computed from "
         "the table above):",
