@@ -484,6 +484,7 @@ JUDGED = [
     ("4bit", "gptq", "rtn", False),
     ("3bit", "gptq", "rtn", True),
     *[(s, "wanda", "magnitude", False) for s in PRUNE],
+    *[(s, "sparsegpt", "wanda", False) for s in PRUNE],
     *[(s, "wanda per-layer", "magnitude", False) for s in PRUNE],
     *[(s, "wanda", "magnitude per-row", False) for s in PRUNE],
 ]
