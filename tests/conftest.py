@@ -63,6 +63,11 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _use_session_cache(cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(cache_root))
+    # torch.compile (dynamic-int8 on torchao compiles the model by default) takes tens of
+    # seconds per model on 2 cores: with this set, torch.compile returns the eager function, in
+    # this process and the ones tests start; the tests of compilation itself unset it
+    # (``compiling``).
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
     # the tests' sweep workers share a gate with each other, not with real runs on the machine
     monkeypatch.setenv("COMPRESS_LOCK_DIR", str(cache_root / "locks"))
 
@@ -105,3 +110,9 @@ def hf_recipe(model_dir: Path, **overrides) -> dict:
     recipe.pop("train")
     recipe.update(overrides)
     return recipe
+
+
+@pytest.fixture
+def compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile really compiles in this test (the other tests run eagerly)."""
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
