@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=300, help="more rounds until CIs fit")
     ap.add_argument("--ci-target", type=float, default=0.03, help="relative CI half-width")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--name", default="cpu_paths", help="results file stem")
     args = ap.parse_args()
     tune_allocator()
     torch.set_num_threads(args.threads)
@@ -286,7 +287,7 @@ def main() -> None:
     for k, v in load.items():
         row("run", k, None if v is None else round(v, 3))
     args.out.mkdir(parents=True, exist_ok=True)
-    write_tidy(args.out / "cpu_paths.csv", rows)
+    write_tidy(args.out / f"{args.name}.csv", rows)
 
     def fmt(iv) -> str:
         flag = " (noisy)" if iv.relative_half_width > args.ci_target else ""
@@ -298,9 +299,10 @@ def main() -> None:
     lines = [
         "# CPU speed paths, side by side",
         "",
-        f"`python benchmarks/cpu_paths.py --preset {args.preset} --rounds {args.rounds} "
-        f"--max-seconds {args.max_seconds:g}`; {mach}; torchao {env.get('torchao', '?')}, "
-        f"bitsandbytes {env.get('bitsandbytes', '?')}; commit {commit()}, {today()}.",
+        f"`python benchmarks/cpu_paths.py --preset {args.preset} --threads {args.threads} "
+        f"--rounds {args.rounds} --max-seconds {args.max_seconds:g}`; {mach}; "
+        f"torchao {env.get('torchao', '?')}, bitsandbytes {env.get('bitsandbytes', '?')}; "
+        f"commit {commit()}, {today()}.",
         "",
         f"`{args.preset}` GPT (random seeded weights: latency does not depend on training), "
         f"forward pass of batch {args.batch_size} x {args.seq_len} tokens, {args.threads} "
@@ -358,9 +360,9 @@ def main() -> None:
         "logits error.",
         "",
     ]
-    tmp = args.out / "cpu_paths.md.tmp"
+    tmp = args.out / f"{args.name}.md.tmp"
     tmp.write_text("\n".join(lines))
-    tmp.replace(args.out / "cpu_paths.md")
+    tmp.replace(args.out / f"{args.name}.md")
     print("\n".join(lines))
 
 
