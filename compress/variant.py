@@ -14,21 +14,26 @@ them from the file: nothing is unpickled and no code is executed.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from compress.compile import compile_model, is_compiled
+from compress.compressors import int8_torchao
 from compress.compressors.dynamic_int8 import KIND as DYNAMIC_INT8
-from compress.compressors.dynamic_int8 import linear_from_tensors
+from compress.compressors.dynamic_int8 import TORCH_AO, TORCHAO, linear_from_tensors
 from compress.compressors.packed import KIND as PACKED
 from compress.compressors.packed import PackedLinear, PackedSpec, from_plain
-from compress.compressors.quantize import DTYPES, honor_compute_dtype
+from compress.compressors.quantize import DTYPES, keep_plain_layout
 from compress.compressors.targets import set_module
 from compress.errors import CompressError
 from compress.evaluate.memory import is_packed_linear, packed_linear_tensors, stored_tensors
 from compress.models.adapter import adapter_by_family, adapter_for
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -36,6 +41,7 @@ WEIGHTS = "model.safetensors"
 OPAQUE_WEIGHTS = "compress.safetensors"  # an HF variant transformers cannot load (see save)
 MANIFEST = "variant.json"
 BNB_KINDS = ("int8", "nf4", "fp4")  # manifest kinds stored as bitsandbytes layers
+CPU_PACKED = "avx512bf16"  # a 4-bit layer's layout: bitsandbytes' packed CPU kernel's (bnb_cpu)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, dict]:
@@ -45,13 +51,33 @@ def quantized_modules(model: nn.Module) -> dict[str, dict]:
         kind = type(m).__name__
         if isinstance(m, PackedLinear):
             out[name] = {"kind": PACKED, **m.spec.to_dict()}
+        elif isinstance(m, int8_torchao.TorchaoInt8Linear):
+            out[name] = {
+                "kind": DYNAMIC_INT8,
+                "per_channel": m.per_channel,
+                "backend": TORCHAO,
+                "compile": is_compiled(model),
+            }
         elif is_packed_linear(m):
             tensors = packed_linear_tensors(m)
             if tensors["weight"].dtype != torch.int8:
                 raise CompressError(f"{name}: only int8 dynamic quantization can be saved")
-            out[name] = {"kind": DYNAMIC_INT8, "per_channel": tensors["weight_scale"].dim() == 1}
+            out[name] = {
+                "kind": DYNAMIC_INT8,
+                "per_channel": tensors["weight_scale"].dim() == 1,
+                "backend": TORCH_AO,
+            }
         elif kind == "Linear8bitLt":
             out[name] = {"kind": "int8", "threshold": float(m.state.threshold)}
+        elif kind == "CpuPacked4bitLinear":
+            qs = m.weight.quant_state
+            out[name] = {
+                "kind": qs.quant_type,
+                "compute_dtype": str(m.compute_dtype).removeprefix("torch."),
+                "blocksize": qs.blocksize,
+                "double_quant": False,  # the layout holds bf16 absmax
+                "layout": CPU_PACKED,
+            }
         elif kind == "Linear4bit":
             qs = m.weight.quant_state
             out[name] = {
@@ -127,7 +153,7 @@ def _shell(spec: dict, in_features: int, out_features: int, bias: bool) -> nn.Mo
         quant_type=spec["kind"],
         device="meta",
     )
-    honor_compute_dtype(shell)  # the same CPU kernel as the layer that was saved
+    keep_plain_layout(shell)  # the same CPU kernel as the layer that was saved
     return shell
 
 
@@ -159,9 +185,27 @@ def _architecture(manifest: dict) -> dict:
     return arch
 
 
-def load_variant(path: Path | str) -> nn.Module:
+def _dynamic_int8_layer(spec: dict, own: dict[str, torch.Tensor], name: str) -> nn.Module:
+    """A saved dynamic-int8 layer rebuilt on its backend, or on torch.ao where the layer was
+    made by torchao but torchao is missing (same codes and scales; activations are then
+    quantized the torch.ao way, so outputs differ slightly)."""
+    if spec.get("backend", TORCH_AO) == TORCH_AO:
+        return linear_from_tensors(**own)
+    if int8_torchao.import_torchao() is not None:
+        return int8_torchao.linear_from_tensors(**own)
+    log.warning("%s: saved with torchao, which is missing; loading it on torch.ao", name)
+    per_channel = spec.get("per_channel", True)
+    scale, zero = own["weight_scale"].float(), own["weight_zero_point"].to(torch.int32)
+    own["weight_scale"] = scale.reshape(-1) if per_channel else scale.reshape(())
+    own["weight_zero_point"] = zero.reshape(-1) if per_channel else zero.reshape(())
+    return linear_from_tensors(**own)
+
+
+def load_variant(path: Path | str, compile: bool = True) -> nn.Module:
     """The model saved in ``path`` by :func:`save_variant`, on the CPU, in eval mode.
 
+    A model that was compiled when it was saved (``dynamic-int8`` on torchao) is compiled
+    again, at its first call, unless ``compile`` is false.
     Nothing is unpickled and no code is executed (unless the saved model's family itself
     needs ``trust_remote_code``, recorded when it was loaded with it)."""
     path = Path(path)
@@ -192,10 +236,20 @@ def load_variant(path: Path | str) -> nn.Module:
             prefix = name + "."
             own = {k[len(prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
             if spec["kind"] == DYNAMIC_INT8:
-                dynamic[name] = linear_from_tensors(**own)
+                dynamic[name] = _dynamic_int8_layer(spec, own, name)
             else:
                 settings = {k: v for k, v in spec.items() if k != "kind"}
                 dynamic[name] = from_plain(own, PackedSpec(**settings))
+            continue
+        if spec.get("layout") == CPU_PACKED:
+            from compress.compressors import bnb_cpu
+
+            prefix = name + "."
+            own = {k[len(prefix) :]: tensors.pop(k) for k in list(tensors) if k.startswith(prefix)}
+            layer = bnb_cpu.from_tensors(
+                own, spec["kind"], spec["blocksize"], DTYPES[spec["compute_dtype"]]
+            )
+            set_module(model, name, layer)
             continue
         old = model.get_submodule(name)
         shell = _shell(spec, old.in_features, old.out_features, old.bias is not None)
@@ -212,4 +266,6 @@ def load_variant(path: Path | str) -> nn.Module:
             f"{weights}: does not match its manifest: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
+    if compile and any(spec.get("compile") for spec in quantized.values()):
+        compile_model(model)
     return model.eval()

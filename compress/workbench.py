@@ -596,6 +596,7 @@ def environment() -> dict[str, str]:
         "compress",
         "torch",
         "bitsandbytes",
+        "torchao",
         "torch-pruning",
         "optuna",
         "tokenizers",

@@ -52,6 +52,21 @@ def require_shared(rel: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _eager_by_default():
+    """torch.compile (dynamic-int8 on torchao compiles the model by default) takes tens of
+    seconds per model on 2 cores: with this set, ``torch.compile`` returns the eager function,
+    in this process and the ones tests start, for fixtures of every scope; the tests of
+    compilation itself unset it (``compiling``)."""
+    previous = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    yield
+    if previous is None:
+        os.environ.pop("TORCHDYNAMO_DISABLE", None)
+    else:
+        os.environ["TORCHDYNAMO_DISABLE"] = previous
+
+
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache for the whole session, so the tiny baseline is trained once."""
@@ -105,3 +120,9 @@ def hf_recipe(model_dir: Path, **overrides) -> dict:
     recipe.pop("train")
     recipe.update(overrides)
     return recipe
+
+
+@pytest.fixture
+def compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile really compiles in this test (the other tests run eagerly)."""
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)

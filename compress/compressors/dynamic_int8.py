@@ -1,54 +1,59 @@
 """Dynamic int8 for fast CPU inference: ``dynamic-int8``.
 
-Each targeted ``nn.Linear`` becomes a ``DynamicInt8Linear``: torch's dynamically quantized
-Linear (``torch.ao.nn.quantized.dynamic.Linear``, fbgemm kernels under the ``x86``/``fbgemm``
-quantized engine) under a clearer name:
+int8 weights and int8 activations quantized at run time, one int8 GEMM with int32 accumulation.
+Two backends compute it; ``backend: auto`` (the default) takes the first that is installed:
 
-- weights: int8 codes in [-127, 127] with one symmetric fp32 scale per output channel (zero
-  point 0), or one for the whole matrix with ``per_channel: false``; prepacked once;
-- activations: quantized at run time, on every call, to uint8 with one scale and zero point
-  taken from the min/max of that call's whole input (the batch), over a 7-bit range so
-  AVX2's int16 pair sums cannot saturate;
-- one int8 GEMM with int32 accumulation, dequantized and biased in the same kernel.
+- ``torchao``: torchao's ``Int8DynamicActivationInt8WeightConfig`` through ``quantize_``
+  (:mod:`compress.compressors.int8_torchao`): symmetric int8 weights with one scale per output
+  row, activations quantized per token. With ``compile: true`` (the default) the whole model is
+  compiled with ``torch.compile`` (:mod:`compress.compile`), which fuses the activation
+  quantization with its neighbours; eager, torchao is slower than the fallback below. Measured
+  side by side in ``benchmarks/cpu_paths.py``.
+- ``torch.ao`` (the fallback where torchao is missing): each targeted ``nn.Linear`` becomes a
+  ``DynamicInt8Linear``, torch's dynamically quantized Linear
+  (``torch.ao.nn.quantized.dynamic.Linear``, fbgemm kernels under the ``x86``/``fbgemm``
+  quantized engine) under a clearer name. Weights: int8 codes in [-127, 127] with one symmetric
+  fp32 scale per output channel (zero point 0), or one for the whole matrix with
+  ``per_channel: false``; prepacked once. Activations: quantized on every call to uint8 with
+  one scale and zero point from the min/max of that call's whole input, over a 7-bit range so
+  AVX2's int16 pair sums cannot saturate. torch 2.13 deprecates this API (and warns once per
+  process when a quantized tensor is created; the warning is filtered by its message, only
+  around that creation).
 
-Why this backend (measured on the 2-core dev machine, ``small`` preset, batch 8 x 256, 2
-threads, alternating rounds, per-round fp32/variant median): this stage 1.30-1.36x faster than
-fp32; bitsandbytes int8 0.56-0.59x (it saves memory only); torchao's
-``Int8DynamicActivationInt8WeightConfig`` without ``torch.compile`` 0.52-0.57x. The fp32 LM
-head (tied to the embedding, so skipped), attention and the elementwise ops are ~45% of the
-fp32 forward and stay as they are, which caps the gain; quantizing an untied copy of the head
-too gave 1.37-1.45x. Per layer, the int8 GEMM is 2-2.8x faster than fp32 on one thread, less
-on two: each call allocates its output and an int32 scratch of the same size, and with glibc's
-default malloc those large blocks are page-faulted in afresh on every call.
+The report's ``extra["backend"]`` says which backend ran (and whether the model is compiled).
 
-Why the deprecation warnings are silenced here: torch 2.13 deprecates quantized tensors
-(``torch.qint8``) in favour of torchao. A ``UserWarning`` fires once per process when one is
-created, which this module must do to build the layers; the replacement is not fast on a CPU
-yet. The warning is filtered by its message, only around that creation.
-
-How the weights are stored and counted (see ``compress.evaluate.memory.packed_linear_tensors``):
-int8 codes (1 byte per weight), fp32 scale and int32 zero point per output channel (as the
-kernel holds them), fp32 bias. fbgemm also caches one int32 column sum per output channel,
-derived from the codes when a layer is packed; it is rebuilt on load, not stored, not counted.
+How the torch.ao layers are stored and counted (see
+``compress.evaluate.memory.packed_linear_tensors``): int8 codes (1 byte per weight), fp32 scale
+and int32 zero point per output channel (as the kernel holds them), fp32 bias. fbgemm also
+caches one int32 column sum per output channel, derived from the codes when a layer is packed;
+it is rebuilt on load, not stored, not counted. The torchao layers: see
+:mod:`compress.compressors.int8_torchao`.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.ao.nn.quantized.dynamic as nnqd  # already imported by ``import torch``
 import torch.nn as nn
 
+from compress.compile import compile_model
+from compress.compressors import int8_torchao
 from compress.compressors.base import StageConfig, StageContext, StageReport, register
 from compress.compressors.quantize import convert_linears
 from compress.compressors.targets import select_modules
 from compress.errors import CompressError
 from compress.models.adapter import adapter_for, model_device
 
+log = logging.getLogger(__name__)
+
 KIND = "dynamic-int8"
 QMAX = 127  # symmetric: codes in [-QMAX, QMAX]
+TORCHAO, TORCH_AO = "torchao", "torch.ao"
 
 
 class DynamicInt8Config(StageConfig):
@@ -58,6 +63,10 @@ class DynamicInt8Config(StageConfig):
     lm_head: bool = False
     targets: list[str] | None = None
     ignore: list[str] = ["lm_head"]
+    # auto: torchao where it is installed, else torch.ao (see the module docstring)
+    backend: Literal["auto", "torchao", "torch.ao"] = "auto"
+    # torchao only: compile the whole model with torch.compile (at its first call)
+    compile: bool = True
 
 
 class DynamicInt8Linear(nnqd.Linear):
@@ -80,7 +89,23 @@ def engine() -> str:
 
 
 def backend() -> str:
+    """The fallback backend, described."""
     return f"torch.ao dynamic quantized Linear ({engine()} engine)"
+
+
+def resolve_backend(requested: str) -> str:
+    """``torchao`` or ``torch.ao``: the backend that will run for ``requested``."""
+    if requested == TORCH_AO:
+        return TORCH_AO
+    if int8_torchao.import_torchao() is not None:
+        return TORCHAO
+    if requested == TORCHAO:
+        raise CompressError(
+            f"{KIND}.backend: torchao is not installed (pip install torchao); "
+            "allowed without it: auto, torch.ao"
+        )
+    log.info("%s: torchao is not installed; using the torch.ao fallback", KIND)
+    return TORCH_AO
 
 
 @contextmanager
@@ -167,14 +192,22 @@ def apply_dynamic_int8(
         ignore = [s for s in ignore if s not in ("lm_head", name)]
     sel = select_modules(model, (nn.Linear,), cfg.targets, ignore, stage=KIND)
     report = StageReport(stage=KIND, config=cfg.model_dump(), skipped=sel.skipped)
-    spec = {"kind": KIND, "per_channel": cfg.per_channel}
-    convert_linears(
-        model,
-        sel.selected,
-        lambda lin: make_dynamic_int8_linear(lin, cfg.per_channel),
-        spec,
-        report,
-    )
-    report.extra["backend"] = backend()
+    chosen = resolve_backend(cfg.backend)
+    spec = {"kind": KIND, "per_channel": cfg.per_channel, "backend": chosen}
+    if chosen == TORCHAO:
+        make = lambda lin: int8_torchao.quantize_linear(lin, cfg.per_channel)  # noqa: E731
+        described = f"torchao {int8_torchao.version()} Int8DynamicActivationInt8WeightConfig" + (
+            " + torch.compile (whole model)" if cfg.compile else " (eager)"
+        )
+    else:
+        make = lambda lin: make_dynamic_int8_linear(lin, cfg.per_channel)  # noqa: E731
+        described = backend()
+    convert_linears(model, sel.selected, make, spec, report)
+    compiled = chosen == TORCHAO and cfg.compile
+    if compiled:
+        compile_model(model)
+    report.extra["backend"] = described
+    report.extra["backend_name"] = chosen
+    report.extra["compiled"] = compiled
     report.extra["lm_head_untied_copy"] = untied
     return model, report

@@ -4,7 +4,15 @@
 weights plus one fp32 scale per output row; activation columns above ``threshold`` take an
 fp16 outlier path). ``nf4``/``fp4`` use ``bnb.nn.Linear4bit``: two 4-bit codes per byte, one
 absmax per ``blocksize`` weights, optionally itself quantized to 8 bits (``double_quant``).
-On a CPU these save memory but are not faster than fp32 (see the latency column).
+
+4-bit layers on a CPU with AVX512-BF16 run bitsandbytes' packed bf16 kernel by default
+(``cpu_kernel: auto``): each layer is packed for it when it is made and stays packed through
+save and load (:mod:`compress.compressors.bnb_cpu`), so outputs do not change after a save. That
+kernel computes in bfloat16 and holds bf16 absmax (16 bits per block; double quantization is
+not kept). ``cpu_kernel: plain`` keeps bitsandbytes' plain layout and portable kernel, exact in
+``compute_dtype``; layers the packed kernel cannot take (shape), a CPU without AVX512-BF16 and
+a model on another device get the plain layout under ``auto`` too. The report's
+``extra["cpu_kernel"]`` counts the layers of each layout and says why any is plain.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from pydantic import Field
 from compress._bnb import import_bnb
 from compress.compressors.base import StageConfig, StageContext, StageReport, register
 from compress.compressors.targets import nothing_selected, select_modules, set_module
+from compress.errors import CompressError
 from compress.evaluate.memory import module_weight_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +43,8 @@ class FourBitConfig(StageConfig):
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
     double_quant: bool = True
+    # auto: bitsandbytes' packed AVX512-BF16 CPU kernel where it runs, else plain (see above)
+    cpu_kernel: Literal["auto", "packed", "plain"] = "auto"
     targets: list[str] | None = None
     ignore: list[str] = ["lm_head"]
 
@@ -85,20 +96,48 @@ def make_4bit_linear(
     )
     if lin.bias is not None:
         q.bias = nn.Parameter(lin.bias.detach().clone().cpu(), requires_grad=False)
-    honor_compute_dtype(q)
+    keep_plain_layout(q)
     return q.to(device).train(lin.training)
 
 
-def honor_compute_dtype(q: nn.Module) -> None:
-    """Keep bitsandbytes' AVX512-BF16 CPU path for ``compute_dtype: bfloat16`` only.
+def keep_plain_layout(q: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a plain ``Linear4bit`` at its first forward pass.
 
-    On CPUs with AVX512-BF16, ``Linear4bit`` in eval mode repacks its weights and multiplies in
-    bf16 whatever ``compute_dtype`` says, and every ``state_dict()`` unpacks them again with a
-    slightly different quantization offset, so outputs drift after a save. Measured here it was
-    not faster than the plain kernel, which computes in the requested dtype exactly.
+    On CPUs with AVX512-BF16, ``Linear4bit`` in eval mode repacks its weights for a bf16 kernel,
+    and every ``state_dict()`` unpacks them again with a slightly different quantization of the
+    absmax, so outputs drift after a save. The packed layout is offered instead by
+    :mod:`compress.compressors.bnb_cpu`, which keeps it through save and load.
     """
-    if hasattr(q, "support_avx512bf16_for_cpu") and q.compute_dtype != torch.bfloat16:
+    if hasattr(q, "support_avx512bf16_for_cpu"):
         q.support_avx512bf16_for_cpu = False
+
+
+def packed_kernel_problem(lin: nn.Linear, cfg: FourBitConfig) -> str:
+    """Why ``lin`` does not get the packed CPU kernel under ``cfg`` ('' when it does)."""
+    if cfg.cpu_kernel == "plain":
+        return "cpu_kernel: plain"
+    if lin.weight.device.type != "cpu":
+        return f"on {lin.weight.device.type}: the packed kernel runs on the CPU only"
+    from compress.compressors import bnb_cpu
+
+    if not bnb_cpu.kernel_available():
+        return "this CPU has no AVX512-BF16"
+    return bnb_cpu.shape_problem(lin.out_features, lin.in_features, cfg.blocksize)
+
+
+def make_4bit_layer(
+    lin: nn.Linear, quant_type: str, cfg: FourBitConfig, why_plain: dict
+) -> nn.Module:
+    """A 4-bit layer for ``lin``: packed for the CPU kernel when it can be (see the module
+    docstring), else plain; the reason a layer is plain goes into ``why_plain``."""
+    q = make_4bit_linear(lin, quant_type, cfg.compute_dtype, cfg.blocksize, cfg.double_quant)
+    problem = packed_kernel_problem(lin, cfg)
+    if not problem:
+        from compress.compressors import bnb_cpu
+
+        return bnb_cpu.pack(q)
+    why_plain[problem] = why_plain.get(problem, 0) + 1
+    return q
 
 
 def convert_linears(
@@ -174,10 +213,29 @@ def _four_bit(quant_type: str):
             "blocksize": cfg.blocksize,
             "double_quant": cfg.double_quant,
         }
-        make = lambda lin: make_4bit_linear(  # noqa: E731
-            lin, quant_type, cfg.compute_dtype, cfg.blocksize, cfg.double_quant
-        )
-        return _convert(model, quant_type, cfg, make, spec)
+        if cfg.cpu_kernel == "packed":
+            from compress.compressors import bnb_cpu
+
+            if not bnb_cpu.kernel_available():
+                raise CompressError(
+                    f"{quant_type}.cpu_kernel: packed needs a CPU with AVX512-BF16, which this "
+                    "one lacks; allowed here: auto, plain"
+                )
+        why_plain: dict[str, int] = {}
+        make = lambda lin: make_4bit_layer(lin, quant_type, cfg, why_plain)  # noqa: E731
+        model, report = _convert(model, quant_type, cfg, make, spec)
+        packed = sum(t["to"] == "CpuPacked4bitLinear" for t in report.touched)
+        if cfg.cpu_kernel == "packed" and why_plain:
+            raise CompressError(
+                f"{quant_type}.cpu_kernel: packed, but {sum(why_plain.values())} layers cannot "
+                f"take it ({'; '.join(why_plain)}); use cpu_kernel: auto"
+            )
+        report.extra["cpu_kernel"] = {
+            "packed_avx512bf16": packed,
+            "plain": len(report.touched) - packed,
+            "plain_because": why_plain,
+        }
+        return model, report
 
     apply.__doc__ = f"bitsandbytes 4-bit ({quant_type}) weights with blockwise absmax scales."
     return apply

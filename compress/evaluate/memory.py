@@ -129,7 +129,13 @@ def param_count(model: nn.Module) -> int:
     """Parameters the model represents, tied ones once, packed ones at their logical size
     (a dynamically quantized Linear holds no ``nn.Parameter``: its weight and bias count; a
     self-packing layer's weight buffers count at ``weight_numel``)."""
-    seen: set[int] = set()
+    # A self-packing layer whose weight is a parameter (torchao's Int8Tensor, bitsandbytes'
+    # CPU-packed 4-bit) counts it once, at ``weight_numel``.
+    seen = {
+        id(m.weight)
+        for m in model.modules()
+        if packs_own_weights(m) and isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
     total = 0
     for p in model.parameters():
         if id(p) not in seen:

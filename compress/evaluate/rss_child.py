@@ -54,6 +54,10 @@ def main(argv: list[str]) -> None:
         from compress._bnb import import_bnb
 
         import_bnb()
+    if any(spec.get("backend") == "torchao" for spec in specs.values()):
+        from compress.compressors.int8_torchao import import_torchao
+
+        import_torchao()
     arch = manifest.get("architecture")
     if isinstance(arch, dict) and arch.get("family") not in (None, "builtin"):
         from compress.models.hf import import_transformers
@@ -66,7 +70,9 @@ def main(argv: list[str]) -> None:
         torch.empty(0, device=device)
         torch.cuda.reset_peak_memory_stats(device)
     after_import = _rss_bytes()
-    model = load_variant(variant_dir).to(device)
+    # Eager even where the variant runs compiled: compiling would add the compiler's own
+    # memory (and minutes) to a number that describes the model.
+    model = load_variant(variant_dir, compile=False).to(device)
     after_load = _rss_bytes()
     vocab = adapter_for(model).vocab_size(model)
     x = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))

@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from compress.evaluate.memory import is_packed_linear
 
-# bitsandbytes' CPU path on AVX512-BF16 machines, which compress turns off for 4-bit layers
-# (see compress.compressors.quantize.honor_compute_dtype) and from_pretrained leaves on.
+# bitsandbytes' lazy CPU repacking on AVX512-BF16 machines, which compress turns off for plain
+# 4-bit layers (see compress.compressors.quantize.keep_plain_layout) and from_pretrained leaves on.
 FOUR_BIT_CPU_NOTE = (
     "on a CPU with AVX512-BF16, bitsandbytes repacks Linear4bit weights at the first forward "
     "and computes in bfloat16 (outputs differ slightly; layers whose width it cannot pack "
@@ -72,6 +72,20 @@ def export_status(model: nn.Module, root: str, lm_head: str | None = None) -> di
                 "from_pretrained": False,
                 "reason": f"{short} is a compress packed int4/int8 layer (rtn), which no "
                 "transformers quantizer reads; load it with compress.variant.load_variant",
+            }
+        if type(m).__name__ == "CpuPacked4bitLinear":
+            return {
+                "from_pretrained": False,
+                "reason": f"{short} is a 4-bit layer in bitsandbytes' packed AVX512-BF16 CPU "
+                "layout, which transformers does not read; load it with "
+                "compress.variant.load_variant, or quantize with cpu_kernel: plain",
+            }
+        if type(m).__name__ == "TorchaoInt8Linear":
+            return {
+                "from_pretrained": False,
+                "reason": f"{short} is a torchao int8 layer (dynamic-int8), saved as plain codes "
+                "and scales that transformers does not read; load it with "
+                "compress.variant.load_variant",
             }
         if is_packed_linear(m):
             return {

@@ -1,7 +1,8 @@
-"""dynamic-int8 (torch/fbgemm dynamic quantization) on the trained tiny baseline.
+"""dynamic-int8 on its torch.ao fallback (torch/fbgemm dynamic quantization) on the trained
+tiny baseline; the torchao backend is tested in test_dynamic_int8_torchao.py.
 
-Quality, bytes and save/load are asserted numerically; speed is measured, not asserted (see the
-module docstring of compress.compressors.dynamic_int8).
+Quality, bytes and save/load are asserted numerically; speed is measured, not asserted (see
+benchmarks/cpu_paths.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def base(tiny_workspace):
 
 
 def _apply(model: nn.Module, **settings):
-    cfg = REGISTRY[STAGE].config_cls(**settings)
+    cfg = REGISTRY[STAGE].config_cls(**{"backend": "torch.ao", **settings})
     return run_stage(STAGE, copy.deepcopy(model).eval(), cfg, StageContext(seed=0))
 
 
@@ -171,7 +172,11 @@ def test_saves_as_plain_tensors_and_reloads_identically(base, converted, tmp_pat
     save_variant(model, tmp_path)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert set(manifest["quantized"]) == {t["module"] for t in report.touched}
-    assert manifest["quantized"]["blocks.0.mlp.fc_in"] == {"kind": STAGE, "per_channel": True}
+    assert manifest["quantized"]["blocks.0.mlp.fc_in"] == {
+        "kind": STAGE,
+        "per_channel": True,
+        "backend": "torch.ao",
+    }
     with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
         keys = {k for k in f.keys() if k.startswith("blocks.0.mlp.fc_in.")}
         assert f.get_slice("blocks.0.mlp.fc_in.weight").get_dtype() == "I8"
