@@ -103,6 +103,7 @@ def test_wanda_scan_reads_input_statistics(tiny_workspace):
     assert all(r["delta"] == r["delta"] for r in res.rows)
 
 
+@pytest.mark.slow  # trains three tiny Hugging Face models first
 def test_scan_on_hf_families(hf_model_dirs, tmp_path):
     from compress.recipe import recipe_from_dict
     from compress.scan.workspace import scan_workspace

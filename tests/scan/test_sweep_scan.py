@@ -58,3 +58,21 @@ def test_scan_seeds_need_an_allocation_parameter() -> None:
     data["sweep"]["params"]["allocation"]["choice"] = ["uniform"]
     with pytest.raises(RecipeError, match="sweep.scan_seeds: needs a prune stage"):
         recipe_from_dict(data, "s.yaml")
+
+
+def test_the_sweep_builds_its_scan_seeds_from_the_baseline_scan(tiny_workspace) -> None:
+    import dataclasses
+    import types
+
+    from compress.sweep.objective import scan_seeds
+
+    data = _recipe(scan_seeds=True)
+    data["scan"] = {"tokens": 512, "prune": {"sparsities": [0.4, 0.9]}, "quantize": None}
+    recipe = recipe_from_dict(data, "s.yaml")
+    ws = dataclasses.replace(tiny_workspace, recipe=recipe)
+    said: list[str] = []
+    worker = types.SimpleNamespace(ws=ws, spec=recipe.sweep, progress=False)
+    seeds = scan_seeds(worker, said.append)
+    # 0.9 is outside the sparsity range [0.2, 0.6]: only 0.4 makes seeds
+    assert set(seeds) == {"scan-0.4", "scan-dense-0.4"}
+    assert "2 seed(s)" in said[-1]
