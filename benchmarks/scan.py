@@ -4,9 +4,10 @@ sensitivity scan, at the same overall sparsity.
     python benchmarks/scan.py [--sparsities 0.5 0.7] [--methods magnitude wanda]
 
 On the default baseline (``recipes/int8.yaml``: the built-in `small` GPT, trained with the
-default recipe's settings or loaded from the cache), the scan (the recipe defaults: magnitude
-pruning of one layer at 0.3/0.5/0.7 and simulated round-to-nearest at 8/4 bits, perplexity on
-the first 8192 tokens of the valid split) ranks the block linear layers. Every variant then
+default recipe's settings or loaded from the cache), the scan (magnitude pruning of one layer
+at each target sparsity and simulated round-to-nearest at 8/4 bits, perplexity on
+the first 8192 tokens of the valid split; ``--scan-tokens``, ``--scan-bits``) ranks the block
+linear layers; its pruning columns are the benchmark's sparsities. Every variant then
 prunes every block linear layer of the same baseline to the same overall sparsity:
 
 - ``uniform``: every layer at the target;
@@ -40,6 +41,7 @@ from compress.compressors.prune import PruneConfig  # noqa: E402
 from compress.evaluate.perplexity import perplexity  # noqa: E402
 from compress.evaluate.uncertainty import perplexity_difference  # noqa: E402
 from compress.recipe import load_recipe  # noqa: E402
+from compress.scan.spec import ScanSpec  # noqa: E402
 from compress.scan.workspace import scan_workspace, sensitivity_for  # noqa: E402
 from compress.workbench import environment, prepare  # noqa: E402
 
@@ -66,6 +68,9 @@ def main() -> int:
     p.add_argument("--strengths", type=float, nargs="+", default=[0.1, 0.2])
     p.add_argument("--dense", type=int, nargs="+", default=[1, 2])
     p.add_argument("--samples", type=int, default=64, help="calibration windows (wanda)")
+    p.add_argument("--scan-tokens", type=int, default=8192, help="tokens per scan perplexity")
+    p.add_argument("--scan-bits", type=int, nargs="*", default=[8, 4], help="simulated RTN columns")
+    p.add_argument("--note", default="", help="a sentence for the results page")
     p.add_argument("--recipe", type=Path, default=RECIPE, help="the baseline's recipe")
     p.add_argument(
         "--accept-partial",
@@ -79,7 +84,12 @@ def main() -> int:
     if args.accept_partial:
         train = recipe.train.model_copy(update={"partial": "accept"})
         recipe = recipe.model_copy(update={"train": train})
-    recipe = recipe.model_copy(update={"variants": []})
+    scan_spec = ScanSpec(
+        tokens=args.scan_tokens,
+        prune={"method": "magnitude", "sparsities": args.sparsities},
+        quantize={"bits": args.scan_bits} if args.scan_bits else None,
+    )
+    recipe = recipe.model_copy(update={"variants": [], "scan": scan_spec})
     ws = prepare(recipe, REPO, progress=False)
     print(ws.baseline_info.headline(), flush=True)
     start = time.perf_counter()
@@ -88,7 +98,7 @@ def main() -> int:
     print(f"scan took {time.perf_counter() - start:.1f} s here (cached: {scan.cached})")
 
     spec = recipe.eval.perplexity
-    ids = ws.tokens[spec.split]
+    ids = ws.tokens[spec.split][: spec.max_tokens] if spec.max_tokens else ws.tokens[spec.split]
     dense_ppl = perplexity(ws.baseline, ids, spec.seq_len, spec.stride, spec.batch_size)
     ctx = StageContext(
         seed=recipe.seed,
@@ -137,11 +147,13 @@ def main() -> int:
                 )
     load_after = os.getloadavg()[0]
     env = environment()
-    write_results(results, scan, dense_ppl, ws, env, load_before, load_after, scan_seconds)
+    write_results(
+        results, scan, dense_ppl, ws, env, load_before, load_after, scan_seconds, args.note
+    )
     return 0
 
 
-def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, scan_seconds):
+def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, scan_seconds, note):
     mach, stamp, rev = machine(env), today(), commit()
     tidy = []
     for r in results:
@@ -180,9 +192,9 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
         )
         + "), "
         f"{mach}, {stamp}, commit {rev}. Load average {load_before:.1f} before, "
-        f"{mach}, {stamp}, commit {rev}. Load average {load_before:.1f} before, "
         f"{load_after:.1f} after (a shared machine; perplexity does not depend on load).",
         "",
+        *([note, ""] if note else []),
         f"Scan: {len(scan.layers)} block linear layers x {len(scan.settings)} settings "
         f"({', '.join(scan.settings)}), perplexity on {scan.tokens:,} tokens of the "
         f"{scan.split} split, baseline {scan.baseline_perplexity:.3f}; "
@@ -194,8 +206,9 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
         + ".",
         "",
         f"Pruning: every block linear layer of the same baseline to the same overall sparsity "
-        f"(exact: `achieved`). Perplexity on the {dense_ppl.tokens:,}-token test split (the "
-        f"scan never read it); dense {dense_ppl.perplexity:.3f}. `vs uniform`: perplexity "
+        f"(exact: `achieved`). Perplexity on {dense_ppl.tokens:,} scored tokens of the test "
+        f"split (the scan never read it); dense {dense_ppl.perplexity:.3f}. `vs uniform`: "
+        "perplexity "
         "minus uniform pruning's at the same method and sparsity, with its paired bootstrap "
         "95% interval over the scoring windows; an interval containing 0 is within noise.",
         "",
