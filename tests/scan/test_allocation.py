@@ -99,3 +99,24 @@ def test_allocation_needs_a_scan_and_rejects_patterns(tiny_workspace):
         PruneConfig(allocation="scan", pattern="2:4")
     with pytest.raises(ValueError, match="only read by allocation scan"):
         PruneConfig(scan_strength=0.2)
+
+
+def test_a_run_variant_allocates_from_the_scan_of_its_baseline(tiny_workspace, tiny_recipe_dict):
+    import dataclasses
+
+    from compress.recipe import VariantSpec, recipe_from_dict
+    from compress.scan.workspace import scan_workspace
+    from compress.workbench import build_variant
+
+    data = {**tiny_recipe_dict, "scan": {"tokens": 512, "prune": {"sparsities": [0.5]}}}
+    data["scan"]["quantize"] = None
+    ws = dataclasses.replace(tiny_workspace, recipe=recipe_from_dict(data, "t.yaml"))
+    spec = VariantSpec(
+        name="v", pipeline=[{"prune": {"sparsity": 0.5, "allocation": "scan-dense"}}]
+    )
+    model, (report,) = build_variant(ws, spec, {"baseline": ws.baseline})
+    most = scan_workspace(ws).ranking("prune magnitude 0.5")[0]  # cached by now
+    row = next(t for t in report.touched if t["module"] == most)
+    assert row["sparsity"] == 0.0 and report.extra["allocation"] == "scan-dense"
+    total = sum(t["shape"][0] * t["shape"][1] for t in report.touched)
+    assert report.extra["pruned_weights"] == round(0.5 * total)
