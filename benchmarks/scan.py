@@ -38,6 +38,7 @@ from compress import atomic  # noqa: E402
 from compress.cache import stable_hash  # noqa: E402
 from compress.compressors import StageContext, run_stage  # noqa: E402
 from compress.compressors.prune import PruneConfig  # noqa: E402
+from compress.errors import CompressError  # noqa: E402
 from compress.evaluate.perplexity import perplexity  # noqa: E402
 from compress.evaluate.uncertainty import perplexity_difference  # noqa: E402
 from compress.recipe import load_recipe  # noqa: E402
@@ -114,7 +115,19 @@ def main() -> int:
             for label, settings in variants(args.strengths, args.dense):
                 cfg = PruneConfig(method=method, sparsity=sparsity, **settings)
                 t0 = time.perf_counter()
-                model, report = run_stage("prune", copy.deepcopy(ws.baseline), cfg, ctx)
+                try:
+                    model, report = run_stage("prune", copy.deepcopy(ws.baseline), cfg, ctx)
+                except CompressError as exc:  # e.g. too few weights left to prune
+                    print(f"{method} {sparsity:g} {label}: not possible: {exc}", flush=True)
+                    results.append(
+                        {
+                            "method": method,
+                            "target": sparsity,
+                            "allocation": label,
+                            "error": str(exc),
+                        }
+                    )
+                    continue
                 ppl = perplexity(model, ids, spec.seq_len, spec.stride, spec.batch_size)
                 if uniform is None:
                     uniform = ppl
@@ -156,7 +169,8 @@ def main() -> int:
 def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, scan_seconds, note):
     mach, stamp, rev = machine(env), today(), commit()
     tidy = []
-    for r in results:
+    ok = [r for r in results if "error" not in r]
+    for r in ok:
         what = f"prune {r['method']} {r['target']:g} {r['allocation']}"
         for metric in ("perplexity", "ratio", "vs_uniform", "achieved", "layer_min", "layer_max"):
             tidy.append(
@@ -217,6 +231,12 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        if "error" in r:
+            lines.append(
+                f"| {r['method']} | {r['target']:g} | {r['allocation']} | - | - | - | - | "
+                f"not possible: {r['error']} |"
+            )
+            continue
         ci = (
             "-"
             if r["allocation"] == "uniform"
@@ -232,7 +252,7 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
     worse = [r for r in results if r["allocation"] != "uniform" and r["vs_uniform_lo"] > 0]
     lines += [
         "",
-        f"Of {sum(r['allocation'] != 'uniform' for r in results)} non-uniform variants, "
+        f"Of {sum(r['allocation'] != 'uniform' for r in ok)} measured non-uniform variants, "
         f"{len(better)} beat uniform pruning beyond noise and {len(worse)} lost to it beyond "
         "noise (the rest are within noise).",
         "",

@@ -199,10 +199,14 @@ def layer_sparsity(
     from compress.scan.allocation import dense_allocation, scan_allocation
 
     numel = {n: m.weight.numel() for n, m in modules.items()}
-    if cfg.allocation == "scan":
-        counts = scan_allocation(numel, scores, cfg.sparsity, cfg.scan_strength)
-    else:
-        counts = dense_allocation(numel, scores, cfg.sparsity, cfg.dense_layers)
+    try:
+        if cfg.allocation == "scan":
+            counts = scan_allocation(numel, scores, cfg.sparsity, cfg.scan_strength)
+        else:
+            counts = dense_allocation(numel, scores, cfg.sparsity, cfg.dense_layers)
+    except CompressError as exc:
+        problem = str(exc).removeprefix("allocation: ")
+        raise CompressError(f"{KIND}.allocation {cfg.allocation}: {problem}") from None
     return {n: counts[n] / numel[n] for n in modules}
 
 
