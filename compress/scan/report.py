@@ -55,7 +55,10 @@ def _color(ratio: float, top: float) -> str:
 def heatmap_svg(result: ScanResult) -> str:
     """Layers (rows) x settings (columns), each cell coloured by its perplexity ratio and
     labelled with the perplexity change."""
-    cell_w, cell_h, left, top_pad = 120, 22, 260, 60
+    longest_setting = max((len(x) for x in result.settings), default=10)
+    longest_layer = max((len(x) for x in result.layers), default=10)
+    cell_w, cell_h, top_pad = max(90, 7 * longest_setting), 22, 60
+    left = 12 + 7 * longest_layer
     ratios = [r["ratio"] for r in result.rows if math.isfinite(r["ratio"])]
     top = max([max(ratios, default=1.0), 1.0 / min(ratios, default=1.0), 1.0001])
     by = {(r["layer"], r["setting"]): r for r in result.rows}
