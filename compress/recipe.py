@@ -39,6 +39,7 @@ from compress.data.calibration import CalibrationSpec
 from compress.errors import RecipeError
 from compress.models.gpt import PRESETS
 from compress.safe_yaml import load_yaml
+from compress.scan.spec import ScanSpec
 from compress.settings import DataSpec, Strict, TrainSpec
 from compress.sweep.space import (
     SpaceError,
@@ -162,6 +163,7 @@ class Recipe(Strict):
     eval: EvalSpec = EvalSpec()
     variants: list[VariantSpec] = Field(default_factory=list)
     report: ReportSpec = ReportSpec()
+    scan: ScanSpec | None = None  # per-layer sensitivity (python -m compress.scan)
     sweep: SweepSpec | None = None
 
     @field_validator("seed")
@@ -201,6 +203,7 @@ class Recipe(Strict):
             ("eval.latency.seq_len", self.eval.latency.seq_len),
             *stage_seq_lens(self),
             ("calibration.seq_len", self.calibration.seq_len or 0),
+            ("scan.seq_len", self.scan.seq_len or 0 if self.scan else 0),
             ("eval.generation.prompt_tokens + new_tokens - 1", self.eval.generation_tokens),
         ):
             if n > block:

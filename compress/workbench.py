@@ -276,6 +276,8 @@ def _check_context(recipe: Recipe, max_len: int | None) -> None:
     ]
     if recipe.calibration.seq_len is not None:
         asks.append(("calibration.seq_len", recipe.calibration.seq_len))
+    if recipe.scan is not None and recipe.scan.seq_len is not None:
+        asks.append(("scan.seq_len", recipe.scan.seq_len))
     for i, variant in enumerate(recipe.variants):
         for j, item in enumerate(variant.pipeline):
             ((name, settings),) = item.items()
@@ -316,6 +318,7 @@ def build_variant(
         fingerprint=f"{ws.corpus.fingerprint}:{ws.tokenizer.fingerprint}",
         train=train_config(ws.recipe),
         load_tokens=ws.load_tokens,
+        sensitivity=_sensitivity(ws),
     )
     reports = []
     for stage in variant_stages(variant):
@@ -330,6 +333,12 @@ def build_variant(
             len(report.skipped),
         )
     return model.eval(), reports
+
+
+def _sensitivity(ws: Workspace):  # noqa: ANN202 - compress.compressors.base.Sensitivity
+    from compress.scan.workspace import sensitivity_for  # the scan imports the compressors
+
+    return sensitivity_for(ws)
 
 
 def measure_static(

@@ -27,6 +27,8 @@ from compress.train import TrainConfig
 
 TokenLoader = Callable[[DataSpec], dict[str, torch.Tensor]]
 """Token ids per split (train, valid, test) of a corpus, in the run's tokenizer."""
+Sensitivity = Callable[[nn.Module, float], dict[str, float]]
+"""Perplexity increase per linear layer (by module name) when only it is pruned."""
 
 
 class StageConfig(BaseModel):
@@ -50,7 +52,10 @@ class StageContext:
     ``fingerprint`` identifies the corpus and tokenizer that made ``tokens`` (cache keys);
     ``train`` is the run's own training settings (the baseline's), which a training stage
     defaults to;
-    ``load_tokens`` gives another corpus's token ids in the run's tokenizer.
+    ``load_tokens`` gives another corpus's token ids in the run's tokenizer;
+    ``sensitivity(model, sparsity)`` gives each linear layer's perplexity increase when only
+    it is pruned near ``sparsity`` (a sensitivity scan, :mod:`compress.scan`), for stages that
+    allocate sparsity by it.
     """
 
     seed: int = 0
@@ -61,6 +66,7 @@ class StageContext:
     fingerprint: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
     load_tokens: TokenLoader | None = None
+    sensitivity: Sensitivity | None = None
 
 
 @dataclass

@@ -10,6 +10,13 @@
 - ``sparsegpt`` (:mod:`~compress.compressors.sparsegpt`): OBS reconstruction that updates the
   kept weights to preserve each layer's outputs on the calibration inputs.
 
+``allocation`` spreads the sparsity over the layers (``scope: layer`` only, no pattern):
+``uniform`` gives every layer the same; ``scan`` follows a per-layer sensitivity scan
+(:mod:`compress.scan`), OWL-style: less sensitive layers lose more, within
+``sparsity +- scan_strength``; ``scan-dense`` leaves the ``dense_layers`` most sensitive layers
+dense and prunes the others evenly. Both keep the overall sparsity of the targeted layers at
+exactly ``round(sparsity * n)`` weights (:mod:`compress.scan.allocation`).
+
 ``pattern: N:M`` keeps N of every M consecutive input weights of each row (2:4 keeps 2 of 4,
 the papers' convention) and fixes the sparsity at ``1 - N/M``. Otherwise exactly
 ``round(sparsity * n)`` of a layer's ``n`` weights become zero (ties broken by position).
@@ -64,6 +71,9 @@ class PruneConfig(StageConfig):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights set to zero")
     pattern: str | None = Field(None, description="N:M, keep N of every M input weights")
     scope: Literal["layer", "global"] = "layer"
+    allocation: Literal["uniform", "scan", "scan-dense"] = "uniform"
+    scan_strength: float = Field(0.1, ge=0.0, le=0.5, description="scan: sparsity +- this")
+    dense_layers: int = Field(1, ge=1, description="scan-dense: most sensitive layers kept")
     blocksize: int = Field(128, ge=1, description="sparsegpt: columns updated together")
     damp: float = Field(0.01, gt=0.0, le=1.0, description="sparsegpt: Hessian dampening")
     calibration: CalibrationSpec | None = None  # overrides keys of the recipe's calibration
@@ -102,8 +112,17 @@ class PruneConfig(StageConfig):
                 "scope global ranks all layers' weights together: only for method magnitude "
                 "without a pattern"
             )
+        if self.allocation != "uniform" and (self.pattern or self.scope == "global"):
+            raise ValueError(
+                f"allocation {self.allocation} sets each layer's sparsity: not with a pattern "
+                "or scope global"
+            )
+        fields = type(self).model_fields
+        for key, needs in (("scan_strength", "scan"), ("dense_layers", "scan-dense")):
+            if key in self.model_fields_set and getattr(self, key) != fields[key].default:
+                if self.allocation != needs:
+                    raise ValueError(f"{key}: only read by allocation {needs}")
         if self.method != "sparsegpt":
-            fields = type(self).model_fields
             stray = [
                 k
                 for k in ("blocksize", "damp")
@@ -118,13 +137,15 @@ class PruneConfig(StageConfig):
         return parse_pattern(self.pattern) if self.pattern else None
 
 
-def _magnitude_masks(weights: dict[str, torch.Tensor], cfg: PruneConfig) -> dict[str, torch.Tensor]:
+def _magnitude_masks(
+    weights: dict[str, torch.Tensor], cfg: PruneConfig, sparsity: dict[str, float]
+) -> dict[str, torch.Tensor]:
     """Removal masks by |W| for every layer, chosen before any weight changes."""
     if cfg.nm is not None:
         return {n: n_of_m(w.detach().abs().float(), *cfg.nm) for n, w in weights.items()}
     if cfg.scope == "layer":
         return {
-            n: lowest(w.detach().abs(), round(cfg.sparsity * w.numel())) for n, w in weights.items()
+            n: lowest(w.detach().abs(), round(sparsity[n] * w.numel())) for n, w in weights.items()
         }
     flat = torch.cat([w.detach().abs().flatten().float() for w in weights.values()])
     mask = lowest(flat, round(cfg.sparsity * flat.numel()))
@@ -157,6 +178,38 @@ def _layout(model: nn.Module, cfg: PruneConfig) -> tuple[ModelLayout | None, str
         return None, f"no block layout: {exc}"
 
 
+def layer_sparsity(
+    model: nn.Module, modules: dict[str, nn.Linear], cfg: PruneConfig, ctx: StageContext
+) -> dict[str, float]:
+    """Each layer's sparsity under ``cfg.allocation`` (exact counts over the layers)."""
+    if cfg.allocation == "uniform":
+        return {n: cfg.sparsity for n in modules}
+    if ctx.sensitivity is None:
+        raise CompressError(
+            f"{KIND}.allocation {cfg.allocation}: needs a sensitivity scan, which this run "
+            "does not provide"
+        )
+    scores = ctx.sensitivity(model, cfg.sparsity)
+    missing = [n for n in modules if n not in scores]
+    if missing:
+        raise CompressError(
+            f"{KIND}.allocation {cfg.allocation}: {missing[0]} was not scanned; scan.targets "
+            "and scan.ignore must cover the layers prune targets"
+        )
+    from compress.scan.allocation import dense_allocation, scan_allocation
+
+    numel = {n: m.weight.numel() for n, m in modules.items()}
+    try:
+        if cfg.allocation == "scan":
+            counts = scan_allocation(numel, scores, cfg.sparsity, cfg.scan_strength)
+        else:
+            counts = dense_allocation(numel, scores, cfg.sparsity, cfg.dense_layers)
+    except CompressError as exc:
+        problem = str(exc).removeprefix("allocation: ")
+        raise CompressError(f"{KIND}.allocation {cfg.allocation}: {problem}") from None
+    return {n: counts[n] / numel[n] for n in modules}
+
+
 @register(KIND, PruneConfig)
 def apply_prune(
     model: nn.Module, cfg: PruneConfig, ctx: StageContext
@@ -179,8 +232,9 @@ def apply_prune(
 
     zeros_before = {n: int((m.weight == 0).sum()) for n, m in modules.items()}
     errors: dict[str, float] = {}
+    sparsity = layer_sparsity(model, modules, cfg, ctx)
     masks = (
-        _magnitude_masks({n: m.weight for n, m in modules.items()}, cfg)
+        _magnitude_masks({n: m.weight for n, m in modules.items()}, cfg, sparsity)
         if cfg.method == "magnitude"
         else {}
     )
@@ -190,12 +244,12 @@ def apply_prune(
             lin = modules[name]
             w = lin.weight.detach()
             if cfg.method == "sparsegpt":
-                new = sparsegpt(w, st.H, cfg.sparsity, cfg.nm, cfg.blocksize, cfg.damp)
+                new = sparsegpt(w, st.H, sparsity[name], cfg.nm, cfg.blocksize, cfg.damp)
             else:
                 mask = (
                     masks[name]
                     if cfg.method == "magnitude"
-                    else wanda(w, st.sq_norms, cfg.sparsity, cfg.nm)
+                    else wanda(w, st.sq_norms, sparsity[name], cfg.nm)
                 )
                 new = w.float().masked_fill(mask, 0.0)
             errors[name] = output_error(w, new, st.H)
@@ -243,6 +297,7 @@ def apply_prune(
             }
         )
     report.extra["method"] = cfg.method
+    report.extra["allocation"] = cfg.allocation
     report.extra["pattern"] = cfg.pattern
     report.extra["sparsity"] = zeros / total if total else 0.0
     report.extra["pruned_weights"] = zeros

@@ -36,7 +36,7 @@ from compress.report.tables import jsonable
 from compress.storage import ARTIFACT_DIR
 from compress.sweep.claims import KEY_ATTR
 from compress.sweep.progress import Echo
-from compress.sweep.space import SweepSpec, defaults, is_active, resolve
+from compress.sweep.space import SweepSpec, defaults, is_active, resolve, scan_seed_assignments
 from compress.sweep.study import READY_ATTR, distribution
 from compress.workbench import (
     Workspace,
@@ -102,6 +102,8 @@ def config_key(ws: Workspace, pipeline: list[dict]) -> str:
             "eval": recipe.eval.model_dump(mode="json"),
             "seed": recipe.seed,
             "pipeline": pipeline,
+            # what an `allocation: scan` stage reads; absent (the defaults) keeps older keys
+            **({"scan": recipe.scan.model_dump(mode="json")} if recipe.scan is not None else {}),
             "compress": __version__,
             "format": RESULT_FORMAT,
         },
@@ -337,6 +339,19 @@ def attach(
         path.unlink(missing_ok=True)
 
 
+def scan_seeds(w: Worker, echo: Echo) -> dict[str, dict[str, Any]]:
+    """Trials built from the baseline's sensitivity scan (measured now, or cached; the
+    trials that allocate by it read the same cached scan)."""
+    from compress.scan.workspace import scan_workspace
+
+    echo("scan: measuring per-layer sensitivity for the scan seeds")
+    result = scan_workspace(w.ws, echo=echo if w.progress else None)
+    sparsities = [c["sparsity"] for c in result.prune_settings()]
+    seeds = scan_seed_assignments(w.spec, sparsities)
+    echo(f"scan: {len(seeds)} seed(s): {', '.join(seeds) or 'none in the space'}")
+    return seeds
+
+
 def initialize(study: optuna.Study, w: Worker, echo: Echo) -> None:
     """Trial 0 is the baseline; then the recipe's seeds are queued in order."""
     spec = w.spec
@@ -372,4 +387,7 @@ def initialize(study: optuna.Study, w: Worker, echo: Echo) -> None:
         attach(w, study, [], metrics, details, None)
     for name, given in spec.seeds.items():
         study.enqueue_trial(defaults(spec, given), user_attrs={"seed": name}, skip_if_exists=True)
+    if spec.scan_seeds:
+        for name, values in scan_seeds(w, echo).items():
+            study.enqueue_trial(values, user_attrs={"seed": name}, skip_if_exists=True)
     study.set_user_attr(READY_ATTR, True)

@@ -15,12 +15,21 @@
           when: {quantizer: int8}
       seeds:                           # fixed first trials, after the baseline (trial 0)
         int8: {quantizer: int8}
+      scan_seeds: true                 # also seed from the sensitivity scan (see below)
 
 A ``$name`` string anywhere in a stage's settings is replaced by the trial's value of that
 parameter. A stage or parameter with ``when: {param: value}`` (or a list of values) is active
 only when that choice parameter is active and has one of those values. Every parameter's
 default (``default:``, else a choice's first value) must switch every stage off: that
 assignment is the baseline, always trial 0.
+
+A prune stage may take its ``allocation`` from a choice parameter (``allocation: $alloc``
+with ``alloc: {choice: [uniform, scan]}``): uniform or scan-derived per-layer sparsity is
+then one more dimension of the search. With ``scan_seeds: true`` the sweep measures the
+per-layer sensitivity scan first (:mod:`compress.scan`) and queues, after the recipe's seeds,
+one trial per scanned sparsity inside the sparsity parameter's range with ``allocation: scan``
+(and one with ``scan-dense`` when it is a choice): the scan's own proposals, measured before
+the sampler's.
 
 Nothing here talks to Optuna's storage; :mod:`compress.sweep.runner` does.
 """
@@ -184,6 +193,7 @@ class SweepSpec(_Strict):
     params: dict[str, ParamSpec] = Field(min_length=1)
     pipeline: list[dict[str, Any]] = Field(min_length=1)
     seeds: dict[str, dict[str, Scalar]] = Field(default_factory=dict)
+    scan_seeds: bool = False  # queue trials built from the sensitivity scan after the seeds
 
     @field_validator("objectives")
     @classmethod
@@ -391,9 +401,71 @@ def check_structure(spec: SweepSpec) -> None:
     unused = [n for n in spec.params if n not in used]
     if unused:
         raise SpaceError(f"params.{unused[0]}", "is not used by the pipeline or any `when`")
+    check_scan_seeds(spec)
     for name in spec.seeds:
         if not _is_variant_name(name) or name == "baseline":
             raise SpaceError(f"seeds.{name}", "seed names are like variant names, not 'baseline'")
+
+
+ALLOCATIONS = ("scan", "scan-dense")
+
+
+def _scan_stage(spec: SweepSpec) -> tuple[int, str, Any, dict] | None:
+    """The first template prune stage whose ``allocation`` is a ``$choice`` parameter offering
+    a scan allocation: (index, that parameter, its ``sparsity`` setting, its ``when``)."""
+    for i, item in enumerate(spec.pipeline):
+        stage, when = split_stage(item)
+        settings = stage.get("prune") if isinstance(stage, dict) else None
+        if not isinstance(settings, dict):
+            continue
+        alloc = settings.get("allocation")
+        refs = references(alloc)
+        if len(refs) != 1:
+            continue
+        (name,) = refs
+        p = spec.params.get(name)
+        if p is not None and p.choice is not None and any(a in p.choice for a in ALLOCATIONS):
+            return i, name, settings.get("sparsity", 0.5), dict(when or {})
+    return None
+
+
+def check_scan_seeds(spec: SweepSpec) -> None:
+    if spec.scan_seeds and _scan_stage(spec) is None:
+        raise SpaceError(
+            "scan_seeds",
+            "needs a prune stage with `allocation: $param`, a choice parameter offering "
+            f"{' or '.join(ALLOCATIONS)}",
+        )
+
+
+def scan_seed_assignments(spec: SweepSpec, sparsities: list[float]) -> dict[str, dict[str, Any]]:
+    """Seed name -> full assignment, one per scanned sparsity the space can take, with the
+    scan allocation(s) the allocation parameter offers; assignments the space rejects are
+    left out."""
+    found = _scan_stage(spec)
+    if found is None:
+        return {}
+    _, alloc, sparsity, when = found
+    gates = {k: (v[0] if isinstance(v, list) else v) for k, v in when.items()}
+    sparsity_param = next(iter(references(sparsity)), None)
+    p = spec.params[alloc]
+    out: dict[str, dict[str, Any]] = {}
+    for allocation in (a for a in ALLOCATIONS if a in (p.choice or [])):
+        for s in sparsities:
+            given: dict[str, Any] = {**gates, alloc: allocation}
+            for other, allowed in (p.when or {}).items():
+                given.setdefault(other, allowed[0] if isinstance(allowed, list) else allowed)
+            if sparsity_param is not None:
+                given[sparsity_param] = s
+            elif sparsity != s:
+                continue
+            try:
+                values = defaults(spec, given, where="scan_seeds")
+            except SpaceError:
+                continue
+            name = f"scan-{allocation.removeprefix('scan').strip('-') or 'owl'}-{s:g}"
+            out[name.replace("scan-owl", "scan")] = values
+    return out
 
 
 def _is_name(name: str) -> bool:

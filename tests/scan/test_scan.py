@@ -1,0 +1,166 @@
+"""The per-layer sensitivity scan: what it ranks, what it caches, what it writes."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import pytest
+import torch
+
+from compress.cache import cache_dir
+from compress.scan.measure import cached_scan, rtn_simulated, scan_model
+from compress.scan.spec import ScanSpec
+
+SPEC = ScanSpec(tokens=1024, prune={"sparsities": [0.5, 0.9]}, quantize={"bits": [4]})
+
+
+def _scan(ws, model, spec=SPEC, **kw):
+    return scan_model(model, ws.tokens, spec, 128, **kw)
+
+
+def test_scan_ranks_a_layer_made_sensitive_first(tiny_workspace):
+    """A function-preserving rescale makes one layer's weight magnitudes lie: the columns of
+    the last block's ``fc_in`` are multiplied by factors spread over four decades and its
+    input LayerNorm divided by them. The model computes the same, but magnitude pruning of
+    that layer now removes the columns that matter most, so the scan must rank it first."""
+    ws = tiny_workspace
+    model = copy.deepcopy(ws.baseline)
+    block = model.blocks[-1]
+    victim = f"blocks.{len(model.blocks) - 1}.mlp.fc_in"
+    g = torch.Generator().manual_seed(0)
+    d = 10 ** (torch.rand(block.ln_2.weight.numel(), generator=g) * 4 - 2)  # (C,)
+    with torch.no_grad():
+        block.mlp.fc_in.weight.mul_(d[None, :])
+        block.ln_2.weight.div_(d)
+        block.ln_2.bias.div_(d)
+    ids = ws.tokens["valid"][:1024]
+    from compress.evaluate.perplexity import perplexity
+
+    same = perplexity(model, ids, 128).perplexity, perplexity(ws.baseline, ids, 128).perplexity
+    assert same[0] == pytest.approx(same[1], rel=1e-4)
+    result = _scan(ws, model)
+    ranking = result.ranking("prune magnitude 0.5")
+    assert ranking[0] == victim, [(n, result.delta(n, "prune magnitude 0.5")) for n in ranking]
+    before = _scan(ws, ws.baseline)
+    assert before.ranking("prune magnitude 0.5")[0] != victim  # it was not first before
+
+
+def test_scan_restores_every_weight_and_measures_harm(tiny_workspace):
+    model = tiny_workspace.baseline
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = _scan(tiny_workspace, model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len(result.rows) == len(result.layers) * 3
+    # each row is its own measurement against the same baseline, and some layer is hurt
+    for r in result.rows:
+        assert r["delta"] == pytest.approx(r["perplexity"] - result.baseline_perplexity)
+    assert max(result.delta(n, "prune magnitude 0.9") for n in result.layers) > 0
+    assert any(r["simulated"] and "(simulated)" in r["setting"] for r in result.rows)
+
+
+def test_rtn_simulated_error_shrinks_with_bits():
+    w = torch.randn(16, 256)
+    errors = [float((rtn_simulated(w, b, 128) - w).pow(2).mean()) for b in (8, 4, 3, 2)]
+    assert errors == sorted(errors)
+    assert errors[0] < 1e-4
+    assert rtn_simulated(w, 8, 128).unique().numel() > 256  # per-group scales
+
+
+def test_cached_scan_is_reused_and_keyed_by_settings(tiny_workspace, monkeypatch):
+    import compress.scan.measure as measure
+
+    ws = tiny_workspace
+    calls = []
+    real = measure.scan_model
+    monkeypatch.setattr(measure, "scan_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = ScanSpec(tokens=512, prune={"sparsities": [0.5]}, quantize=None)
+    first = cached_scan(ws.baseline, ws.tokens, spec, 128, "k", fingerprint="f")
+    second = cached_scan(ws.baseline, ws.tokens, spec, 128, "k", fingerprint="f")
+    assert len(calls) == 1 and second.cached and not first.cached
+    assert second.rows == first.rows
+    other = spec.model_copy(update={"tokens": 768})
+    cached_scan(ws.baseline, ws.tokens, other, 128, "k", fingerprint="f")
+    assert len(calls) == 2  # other settings: measured again
+    cached_scan(ws.baseline, ws.tokens, spec, 128, "other-baseline", fingerprint="f")
+    assert len(calls) == 3  # another baseline: measured again
+    # a corrupted entry is measured again, not used
+    path = cache_dir() / "scan" / f"{first.key}.json"
+    path.write_text(path.read_text().replace('"rows"', '"rowz"'))
+    third = cached_scan(ws.baseline, ws.tokens, spec, 128, "k", fingerprint="f")
+    assert len(calls) == 4 and not third.cached
+
+
+def test_wanda_scan_reads_input_statistics(tiny_workspace):
+    spec = ScanSpec(tokens=512, prune={"method": "wanda", "sparsities": [0.7]}, quantize=None)
+    ws = tiny_workspace
+    res = _scan(
+        ws, ws.baseline, spec, calibration=ws.recipe.calibration.model_copy(update={"samples": 8})
+    )
+    assert {r["method"] for r in res.rows} == {"wanda"}
+    assert all(r["delta"] == r["delta"] for r in res.rows)
+
+
+@pytest.mark.slow  # trains three tiny Hugging Face models first
+def test_scan_on_hf_families(hf_model_dirs, tmp_path):
+    from compress.recipe import recipe_from_dict
+    from compress.scan.workspace import scan_workspace
+    from compress.workbench import prepare
+    from tests.conftest import REPO, hf_recipe
+
+    for family, path in hf_model_dirs.items():
+        recipe = recipe_from_dict(
+            hf_recipe(path, scan={"tokens": 512, "prune": {"sparsities": [0.7]}, "quantize": None})
+        )
+        ws = prepare(recipe, REPO, progress=False)
+        res = scan_workspace(ws)
+        assert len(res.layers) >= 2 * 6, family  # q, k, v, o and the MLP of both blocks
+        assert all(r["perplexity"] > 0 for r in res.rows)
+        assert max(r["delta"] for r in res.rows) > 0, family
+
+
+def test_cli_writes_csv_json_html_and_caches(tiny_recipe_dict, tmp_path, capsys):
+    import yaml
+
+    from compress.scan.__main__ import main
+
+    recipe = {
+        **tiny_recipe_dict,
+        "scan": {"tokens": 512, "prune": {"sparsities": [0.5]}, "quantize": {"bits": [4]}},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert main([str(path), "--report-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "scan [1/" in printed  # progress lines
+    rows = list(csv.DictReader((out / "scan.csv").open()))
+    data = json.loads((out / "scan.json").read_text())
+    assert len(rows) == len(data["scan"]["layers"]) * 2
+    page = (out / "scan.html").read_text()
+    assert "<svg" in page and "(simulated)" in page and "<script" not in page
+    assert main([str(path), "--report-dir", str(out)]) == 0
+    assert "scan: cached" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "scan, key",
+    [
+        ({"prune": {"sparsities": [1.5]}}, "scan.prune.sparsities"),
+        ({"tokens": 10}, "scan.tokens"),
+        ({"prune": None, "quantize": None}, "scan"),
+        ({"bogus": 1}, "scan.bogus"),
+    ],
+)
+def test_cli_bad_recipe_is_one_line_exit_2(tiny_recipe_dict, tmp_path, capsys, scan, key):
+    import yaml
+
+    from compress.scan.__main__ import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**tiny_recipe_dict, "scan": scan}))
+    assert main([str(path), "--report-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"bad.yaml: {key}" in err, err
