@@ -391,10 +391,20 @@ def _meta(
                 "latency": r.latency.to_dict() if r.latency else None,
                 "rss": r.rss,
                 "continuations": r.continuations,
+                "layers": r.layers,
             }
             for r in results
         },
     }
+
+
+def _recipe_text(recipe: Recipe, recipe_path: Path) -> str:
+    """The recipe as the user wrote it (the file's text); its resolved form if the file is
+    gone or unreadable by now."""
+    try:
+        return recipe_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
 def run(
@@ -423,7 +433,7 @@ def run(
             rows = [r.row for r in results]
             if ws.baseline_info.partial:  # never reported as a normal result: every row says so
                 rows = [{**row, "baseline_partial": ws.baseline_info.steps_text()} for row in rows]
-            recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+            recipe_text = _recipe_text(recipe, recipe_path)
             seconds = time.perf_counter() - start
             written = write_report(
                 staging,
