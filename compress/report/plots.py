@@ -273,10 +273,11 @@ _OFFSETS: tuple[tuple[int, int, str, str], ...] = (
 )
 
 
-def place_labels(ax, points: Sequence[tuple[float, float]], labels: Sequence[str]) -> None:
+def place_labels(ax, points: Sequence[tuple[float, float]], labels: Sequence[str]) -> list[Bbox]:
     """Annotate each point with its label at the first of a few offsets where the label
     overlaps no other label, no point and stays inside the axes (the least overlapping one if
-    none is free), so labels do not overprint. Call after the axes' limits are final."""
+    none is free), so labels do not overprint. Call after the axes' limits are final.
+    Returns the labels' boxes (display coordinates)."""
     fig = ax.figure
     fig.canvas.draw()  # settle the layout: positions in display space are final from here
     renderer = fig.canvas.get_renderer()
@@ -314,6 +315,7 @@ def place_labels(ax, points: Sequence[tuple[float, float]], labels: Sequence[str
             if cost == 0:
                 break
         placed.append(best[2])
+    return placed
 
 
 def _scatter(
