@@ -41,6 +41,7 @@ th, td { padding: 4px 8px; border-bottom: 1px solid #e4e4e4; text-align: right;
 th { background: #f4f5f7; position: sticky; top: 0; white-space: normal; min-width: 4em; }
 table.summary th { max-width: 9em; }
 td.text, th.text { text-align: left; }
+td.text { white-space: normal; overflow-wrap: anywhere; min-width: 6em; }
 td.wrap { white-space: normal; overflow-wrap: anywhere; min-width: 12em; }
 tr.baseline td { background: #f8fbff; font-weight: 600; }
 tr.failed td { background: #fff5f5; }
@@ -51,7 +52,7 @@ td.error { color: #a00; text-align: left; white-space: normal; font-family: mono
 .ci { display: block; color: #666; font-size: 11px; font-weight: normal; }
 .status-ok { color: #176d2c; } .status-failed { color: #a00; font-weight: 600; }
 .caption { color: #555; font-size: 12px; margin: 6px 0 0; }
-.charts { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(100%, 480px), 1fr));
+.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 480px), 1fr));
           gap: 16px; }
 figure { margin: 0; min-width: 0; }
 figure.wide { grid-column: 1 / -1; }
@@ -96,6 +97,12 @@ def _num(value: Any, fmt: str, scale: float = 1.0) -> str:
     return format(x / scale, fmt)
 
 
+def _text_class(records: Sequence[dict], column: str) -> str:
+    """``class="text"`` (left-aligned) for a column whose first value is not a number."""
+    value = next((r.get(column) for r in records if r.get(column) is not None), None)
+    return "" if value is None or isinstance(value, (int, float)) else ' class="text"'
+
+
 def html_table(records: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     """An HTML table of `records`; `columns` defaults to every key in first-seen order.
 
@@ -107,7 +114,7 @@ def html_table(records: Sequence[dict], columns: Sequence[str] | None = None) ->
         for record in records:
             seen.update(dict.fromkeys(record))
         columns = list(seen)
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    head = "".join(f"<th{_text_class(records, c)}>{html.escape(str(c))}</th>" for c in columns)
     body = []
     for record in records:
         cells = []
@@ -181,7 +188,11 @@ def _cell_class(text: str) -> str:
 
 def _cell(text: str) -> str:
     """A summary cell: the value, its interval (if any) on a line of its own below it."""
-    body = re.sub(r"( \[[^\]]*\])", r'<span class="ci">\1</span>', html.escape(text), count=1)
+    body = re.sub(
+        r"( \[[^\]]*\]| \(within noise\))",
+        r'<span class="ci">\1</span>',
+        html.escape(text),
+    )
     return f"<td{_cell_class(text)}>{body}</td>"
 
 
@@ -307,7 +318,7 @@ def render_html(
             "layer's stored bytes without its bias (codes, scales, zero points) x 8 / its "
             "weights. Sparsity: weights exactly zero (not countable in 4-bit codes).</p>"
         )
-        head.append(("Per-layer sparsity and bits", intro + charts_html(layers, wide=True)))
+        head.append(("Per-layer sparsity and bits", intro + charts_html(layers)))
     return html_page(
         title,
         [*head, *sections],

@@ -468,7 +468,7 @@ def layer_charts(layers: Mapping[str, Sequence[dict] | None]) -> list[tuple[str,
         if not any(r.get(key) is not None for recs in data.values() for r in recs):
             continue
         modules = [r["module"] for r in next(iter(data.values()))]
-        fig = _figure(11.0, 4.2)
+        fig = _figure(6.4, 4.2)
         ax = fig.add_subplot()
         ax.set_title(title + (" (summed per block)" if grouped else ""), fontsize="medium")
         for i, (name, recs) in enumerate(data.items()):
@@ -485,7 +485,7 @@ def layer_charts(layers: Mapping[str, Sequence[dict] | None]) -> list[tuple[str,
                 label=name,
             )
         ax.set_xticks(range(len(modules)))
-        ax.set_xticklabels(modules, rotation=60, ha="right", fontsize="x-small")
+        ax.set_xticklabels(modules, rotation=90, fontsize="x-small")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if key == "sparsity":

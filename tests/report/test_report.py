@@ -235,7 +235,7 @@ def test_html_table_escapes_cells() -> None:
     out = html_table([{"a": EVIL, "b": 1234567}, {"a": "ok", "c": 0.5}])
     assert EVIL not in out and "&lt;script&gt;" in out
     assert "1,234,567" in out and "0.5" in out
-    assert out.count("<th>") == 3
+    assert out.count("</th>") == 3 and out.count('<th class="text">a<') == 1
     assert html_table([{"a": 1, "b": 2}], columns=["b"]).count("<td") == 1
 
 
