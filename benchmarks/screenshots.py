@@ -166,7 +166,7 @@ def capture(browser, url: str, path: Path, settle_ms: int = 0) -> list[str]:
     if settle_ms:
         page.wait_for_timeout(settle_ms)
     size = small_png(page.screenshot(full_page=True), path)
-    print(f"  {path.relative_to(REPO)}: {size / 1000:.0f} KB", flush=True)
+    print(f"  {path}: {size / 1000:.0f} KB", flush=True)
     page.close()
     return problems
 

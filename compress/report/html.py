@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 _CSS = """
 :root { color-scheme: light; }
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
-       max-width: 1280px; margin: 0 auto; padding: 16px 24px 48px; background: #fff; }
+       max-width: 1400px; margin: 0 auto; padding: 16px 24px 48px; background: #fff; }
 h1 { font-size: 1.6em; margin: 0.2em 0 0.3em; }
 h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 h3 { font-size: 1.05em; }
@@ -35,8 +35,8 @@ a { color: #1a5fb4; }
 nav.toc { background: #f6f8fa; border: 1px solid #e1e4e8; padding: 8px 16px; margin: 12px 0; }
 nav.toc ol { margin: 4px 0; padding-left: 20px; columns: 2 18em; }
 .scroll { overflow-x: auto; max-width: 100%; }
-table { border-collapse: collapse; font-size: 13px; }
-th, td { padding: 4px 8px; border-bottom: 1px solid #e4e4e4; text-align: right;
+table { border-collapse: collapse; font-size: 12.5px; }
+th, td { padding: 4px 6px; border-bottom: 1px solid #e4e4e4; text-align: right;
          white-space: nowrap; vertical-align: top; }
 th { background: #f4f5f7; position: sticky; top: 0; white-space: normal; min-width: 4em; }
 table.summary th { max-width: 9em; }
@@ -47,7 +47,7 @@ tr.baseline td { background: #f8fbff; font-weight: 600; }
 tr.failed td { background: #fff5f5; }
 td.error { color: #a00; text-align: left; white-space: normal; font-family: monospace; }
 .stages { color: #555; font-size: 12px; font-weight: normal; white-space: normal;
-          min-width: 14em; max-width: 24em; }
+          min-width: 10em; max-width: 20em; }
 .noisy { color: #a00; font-weight: 600; }
 .ci { display: block; color: #666; font-size: 11px; font-weight: normal; }
 .status-ok { color: #176d2c; } .status-failed { color: #a00; font-weight: 600; }
@@ -143,7 +143,7 @@ _SUMMARY_HEADERS: tuple[str, ...] = (
     "peak RSS MB",
     "model RSS MB",
     "GPU peak MB",
-    "params",
+    "params (M)",
     "sparsity",
 )
 
@@ -154,13 +154,18 @@ def _interval(row: dict, key: str, fmt: str) -> str:
     return "" if lo is None or hi is None else f" [{lo:{fmt}}, {hi:{fmt}}]"
 
 
+def _ms(x: float) -> str:
+    """Milliseconds to about three significant digits (12.34, 123.4, 1235)."""
+    return f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}" if abs(x) < 100 else f"{x:,.0f}"
+
+
 def _summary_cells(row: dict) -> list[str]:
     median = as_float(row.get("latency_ms"))
     iqr = as_float(row.get("latency_iqr_ms"))
     if median is None:
         latency = "—"
     else:
-        latency = f"{median:.2f}" + ("" if iqr is None else f" ± {iqr:.2f}")
+        latency = _ms(median) + ("" if iqr is None else f" ± {_ms(iqr)}")
     params = as_float(row.get("param_count"))
     return [
         _num(row.get("perplexity"), ".2f") + _interval(row, "perplexity", ".2f"),
@@ -177,7 +182,7 @@ def _summary_cells(row: dict) -> list[str]:
         _num(row.get("peak_rss_bytes"), ".1f", _MB),
         _num(row.get("model_rss_bytes"), ".1f", _MB),
         _num(row.get("gpu_peak_bytes"), ".1f", _MB),
-        "—" if params is None else f"{params:,.0f}",
+        "—" if params is None else f"{params / 1e6:.3g}",
         _num(row.get("sparsity"), ".3f"),
     ]
 
@@ -241,7 +246,8 @@ def _summary_table(rows: Sequence[dict], model_links: Mapping[str, str] | None =
         f"<tbody>{''.join(body)}</tbody></table></div>"
         '<p class="caption">Ratios are value / baseline value (first row). Quantized-layer '
         "ratio: weight bytes of the quantized layers / their fp32 size, within the same "
-        "variant. MB = 10<sup>6</sup> bytes. — means not measured. [lo, hi]: bootstrap 95% "
+        "variant. MB = 10<sup>6</sup> bytes, M = 10<sup>6</sup> parameters. — means not "
+        "measured. [lo, hi]: bootstrap 95% "
         "confidence interval. <b>within noise</b>: the interval of the perplexity's "
         "difference to the baseline (same windows) contains 0. <b>NOISY</b>: the latency "
         "ratio's interval stayed wider than the recipe's target; do not rank by it.</p>"

@@ -188,17 +188,13 @@ def latency_chart(rows: list[dict]) -> bytes | None:
         )
     finite = [v for v in xs if v > 0 and math.isfinite(v)]
     low, high = min([*finite, 1.0]), max([*finite, 1.0])
-    ax.set_xlim(max(low / 1.3, lo_clip / 1.1), min(high * 2.0, hi_clip * 2.5))
+    ax.set_xlim(max(low / 1.3, lo_clip / 1.1), min(high * 3.0, hi_clip * 3.0))  # room for labels
     ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{number(v, 2)}×"))
     ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())
     _variant_axis(ax, names)
     ax.set_xlabel(
-        "variant / baseline, timed in alternating rounds (log scale; bars: 95% interval)"
-        + (
-            "\nred: NOISY, the interval stayed wider than the target; do not rank by it"
-            if any_noisy
-            else ""
-        )
+        "variant / baseline, in alternating rounds\n(log scale; bars: 95% interval)"
+        + ("\nred: NOISY, do not rank by it" if any_noisy else "")
     )
     return svg_bytes(fig)
 
