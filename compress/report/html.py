@@ -41,7 +41,7 @@ th, td { padding: 4px 6px; border-bottom: 1px solid #e4e4e4; text-align: right;
 th { background: #f4f5f7; position: sticky; top: 0; white-space: normal; min-width: 4em; }
 table.summary th { max-width: 9em; }
 td.text, th.text { text-align: left; }
-td.text { white-space: normal; overflow-wrap: anywhere; min-width: 6em; }
+td.text { white-space: normal; overflow-wrap: break-word; min-width: 6em; }
 td.wrap { white-space: normal; overflow-wrap: anywhere; min-width: 12em; }
 tr.baseline td { background: #f8fbff; font-weight: 600; }
 tr.failed td { background: #fff5f5; }
