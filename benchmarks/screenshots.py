@@ -8,8 +8,9 @@ quantizers) and a small sweep; then starts ``python -m compress.dashboard`` on t
 folder on a free port, waits until it answers, and stops it after its screenshot. Each page is
 captured whole at 1200 px wide and saved, palette-reduced to stay small, under
 ``benchmarks/results/screenshots/``: ``default-report.png``, ``multi-variant-report.png``,
-``sweep-report.png``, ``dashboard.png``. Console errors and page exceptions of each page are
-printed (the report pages must have none; see ``tests/report/test_browser.py``).
+``sweep-report.png``, ``dashboard.png`` (the study) and ``dashboard-trials.png``. Console
+errors and page exceptions of each page are printed (the report pages must have none; see
+``tests/report/test_browser.py``).
 
 ``--reuse`` takes the reports already in ``--work`` instead of running the recipes again.
 The baseline comes from the compress cache (``COMPRESS_CACHE_DIR``), trained on first use.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import socket
 import subprocess
@@ -206,10 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "compress.dashboard", str(reports["sweep"])]
         dash = subprocess.Popen([*cmd, "--port", str(port)], cwd=work, env=env)
         try:
-            url = f"http://127.0.0.1:{port}/dashboard/"
-            wait_for(url, dash)
-            for problem in capture(browser, url, args.out / "dashboard.png", settle_ms=4000):
-                print(f"  dashboard.png: {problem}")  # the dashboard's own page: reported only
+            root = f"http://127.0.0.1:{port}"
+            wait_for(f"{root}/dashboard/", dash)
+            with urllib.request.urlopen(f"{root}/api/studies", timeout=30) as resp:
+                study_id = json.load(resp)["studies"][0]["study_id"]
+            for shot, path in (
+                ("dashboard.png", f"/dashboard/studies/{study_id}"),
+                ("dashboard-trials.png", f"/dashboard/studies/{study_id}/trials"),
+            ):
+                for problem in capture(browser, root + path, args.out / shot, settle_ms=4000):
+                    print(f"  {shot}: {problem}")  # the dashboard's own page: reported only
         finally:
             dash.terminate()
             try:
