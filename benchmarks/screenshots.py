@@ -147,11 +147,11 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def small_png(png: bytes, path: Path) -> int:
-    """Save ``png`` reduced to a 64-colour palette (text and charts stay sharp); its size."""
+    """Save ``png`` reduced to a 32-colour palette (text and charts stay sharp); its size."""
     from PIL import Image
 
     image = Image.open(io.BytesIO(png)).convert("RGB")
-    image.quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    image.quantize(colors=32, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     return path.stat().st_size
 
 
@@ -211,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             root = f"http://127.0.0.1:{port}"
             wait_for(f"{root}/dashboard/", dash)
             with urllib.request.urlopen(f"{root}/api/studies", timeout=30) as resp:
-                study_id = json.load(resp)["studies"][0]["study_id"]
+                listing = json.load(resp)
+            studies = listing.get("study_summaries") or listing.get("studies") or []
+            if not studies:
+                raise SystemExit(f"the dashboard lists no study: {listing}")
+            study_id = studies[0]["study_id"]
             for shot, path in (
                 ("dashboard.png", f"/dashboard/studies/{study_id}"),
                 ("dashboard-trials.png", f"/dashboard/studies/{study_id}/trials"),

@@ -314,13 +314,14 @@ def _sections(
         sections.append(("Greedy continuations", _generation_section(ws, results)))
     for r in results:
         for rep in r.stages:
-            body = (
-                f"<p>{len(rep.touched)} modules converted, {len(rep.skipped)} skipped, "
-                f"{rep.seconds:.2f} s; weight bytes {rep.weight_bytes_before:,} &rarr; "
-                f"{rep.weight_bytes_after:,}</p>"
+            body = (  # the per-module tables folded: one line per stage until opened
+                f"<details><summary>{len(rep.touched)} modules converted, "
+                f"{len(rep.skipped)} skipped, {rep.seconds:.2f} s; weight bytes "
+                f"{rep.weight_bytes_before:,} &rarr; {rep.weight_bytes_after:,}</summary>"
                 + html_table([{k: v for k, v in t.items() if k != "quant"} for t in rep.touched])
                 + "<h4>Skipped</h4>"
                 + html_table(rep.skipped)
+                + "</details>"
             )
             sections.append((f"Stage report: {r.name} / {rep.stage}", body))
         if r.traceback:

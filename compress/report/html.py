@@ -60,6 +60,7 @@ figure img, figure svg { width: 100%; height: auto; border: 1px solid #eee; disp
 figcaption { font-size: 12px; color: #555; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 4px 16px; }
 dt { font-weight: 600; } dd { margin: 0; overflow-wrap: anywhere; }
+details > summary { cursor: pointer; color: #1a5fb4; margin: 4px 0; }
 pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: 10px; overflow-x: auto;
       font-size: 12px; }
 """
@@ -362,7 +363,8 @@ def html_page(
     blocks: list[tuple[str, str]] = list(sections)
     if definitions:
         items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in definitions.items())
-        blocks.append(("Metric definitions", f"<dl>{items}</dl>"))
+        fold = f"<details><summary>{len(definitions)} metrics: what each one measures</summary>"
+        blocks.append(("Metric definitions", f"{fold}<dl>{items}</dl></details>"))
     blocks.append(("Recipe", f"<pre>{esc(recipe_text)}</pre>"))
     if provenance:
         items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in provenance.items())
