@@ -269,7 +269,12 @@ _OFFSETS: tuple[tuple[int, int, str, str], ...] = (
 )
 
 
-def place_labels(ax, points: Sequence[tuple[float, float]], labels: Sequence[str]) -> list[Bbox]:
+def place_labels(
+    ax,
+    points: Sequence[tuple[float, float]],
+    labels: Sequence[str],
+    radii: Sequence[float] | None = None,
+) -> list[Bbox]:
     """Annotate each point with its label at the first of a few offsets where the label
     overlaps no other label, no point and stays inside the axes (the least overlapping one if
     none is free), so labels do not overprint. Call after the axes' limits are final.
@@ -278,10 +283,10 @@ def place_labels(ax, points: Sequence[tuple[float, float]], labels: Sequence[str
     fig.canvas.draw()  # settle the layout: positions in display space are final from here
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
-    marks = []
-    for x, y in points:
+    marks = []  # each point's marker, ``radii`` pixels around it (6 unless given)
+    for (x, y), r in zip(points, radii or [6.0] * len(points)):
         px, py = ax.transData.transform((x, y))
-        marks.append(Bbox.from_extents(px - 4, py - 4, px + 4, py + 4))
+        marks.append(Bbox.from_extents(px - r, py - r, px + r, py + r))
     placed: list[Bbox] = []
     for (x, y), text in zip(points, labels):
         best = None
@@ -368,7 +373,7 @@ def _scatter(
         + (" (noisy)" if r.get("latency_noisy") is True and x_key == "latency_ratio" else "")
         for r in kept
     ]
-    place_labels(ax, points, labels)
+    place_labels(ax, points, labels, [12.0 if r is rows[0] else 6.0 for r in kept])
     return svg_bytes(fig, legend=True)
 
 
