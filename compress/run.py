@@ -314,13 +314,14 @@ def _sections(
         sections.append(("Greedy continuations", _generation_section(ws, results)))
     for r in results:
         for rep in r.stages:
-            body = (
-                f"<p>{len(rep.touched)} modules converted, {len(rep.skipped)} skipped, "
-                f"{rep.seconds:.2f} s; weight bytes {rep.weight_bytes_before:,} &rarr; "
-                f"{rep.weight_bytes_after:,}</p>"
+            body = (  # the per-module tables folded: one line per stage until opened
+                f"<details><summary>{len(rep.touched)} modules converted, "
+                f"{len(rep.skipped)} skipped, {rep.seconds:.2f} s; weight bytes "
+                f"{rep.weight_bytes_before:,} &rarr; {rep.weight_bytes_after:,}</summary>"
                 + html_table([{k: v for k, v in t.items() if k != "quant"} for t in rep.touched])
                 + "<h4>Skipped</h4>"
                 + html_table(rep.skipped)
+                + "</details>"
             )
             sections.append((f"Stage report: {r.name} / {rep.stage}", body))
         if r.traceback:
@@ -391,10 +392,20 @@ def _meta(
                 "latency": r.latency.to_dict() if r.latency else None,
                 "rss": r.rss,
                 "continuations": r.continuations,
+                "layers": r.layers,
             }
             for r in results
         },
     }
+
+
+def _recipe_text(recipe: Recipe, recipe_path: Path) -> str:
+    """The recipe as the user wrote it (the file's text); its resolved form if the file is
+    gone or unreadable by now."""
+    try:
+        return recipe_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
 def run(
@@ -423,7 +434,7 @@ def run(
             rows = [r.row for r in results]
             if ws.baseline_info.partial:  # never reported as a normal result: every row says so
                 rows = [{**row, "baseline_partial": ws.baseline_info.steps_text()} for row in rows]
-            recipe_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+            recipe_text = _recipe_text(recipe, recipe_path)
             seconds = time.perf_counter() - start
             written = write_report(
                 staging,

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from compress.cache import stable_hash
-from compress.compressors import REGISTRY, StageContext, StageReport, run_stage
+from compress.compressors import StageContext, StageReport, run_stage
 from compress.data import (
     Corpus,
     Tokenizer,
@@ -54,6 +54,7 @@ from compress.evaluate.latency import (
     paired_ratio,
     summarize,
 )
+from compress.evaluate.layers import layer_stats
 from compress.evaluate.load import LoadProbe
 from compress.evaluate.memory import (
     count_zeros,
@@ -70,6 +71,7 @@ from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baselin
 from compress.models.gpt import PRESETS, GPTConfig
 from compress.preflight import check_tokens
 from compress.recipe import Recipe, VariantSpec, parse_stage, stage_seq_lens, variant_stages
+from compress.report.describe import describe_pipeline
 from compress.runtime import building_allocator, release_memory
 from compress.settings import DataSpec
 from compress.sweep.space import split_stage
@@ -142,7 +144,7 @@ class Workspace:
 class VariantResult:
     name: str
     measurement: Measurement = field(default_factory=Measurement)
-    description: str = ""  # its stages from the baseline on, e.g. "prune(sparsity=0.5) -> int8"
+    description: str = ""  # its stages from the baseline on, e.g. "prune 50% magnitude -> int8"
     error: str | None = None  # why it failed; None when it was measured
     stages: list[StageReport] = field(default_factory=list)
     perplexity: PerplexityResult | None = None
@@ -150,6 +152,7 @@ class VariantResult:
     rss: dict | None = None
     traceback: str | None = None
     continuations: list[str] | None = None  # greedy continuations of the generation prompts
+    layers: list[dict] | None = None  # per linear layer: sparsity, bits per weight (as stored)
 
     @property
     def status(self) -> str:
@@ -358,7 +361,7 @@ def measure_static(
     chain = reports if chain is None else chain
     quant = [r for r in chain if "bits_per_weight" in r.extra]
     zeros, total = count_zeros(model)
-    description = " -> ".join(f"{r.stage}({d})" if (d := _describe(r)) else r.stage for r in chain)
+    description = describe_pipeline(chain)
     m = Measurement(
         param_count=param_count(model),
         weight_bytes=module_weight_bytes(model),
@@ -391,7 +394,16 @@ def measure_static(
         m.rss_after_import_bytes = rss["rss_after_import_bytes"]
         m.model_rss_bytes = rss["peak_rss_bytes"] - rss["rss_after_import_bytes"]
     return VariantResult(
-        name, m, description, None, reports, ppl, None, rss, continuations=continuations
+        name,
+        m,
+        description,
+        None,
+        reports,
+        ppl,
+        None,
+        rss,
+        continuations=continuations,
+        layers=layer_stats(model),
     )
 
 
@@ -465,10 +477,6 @@ def set_perplexity(
     delta = perplexity_difference(ppl.window_nll, base.window_nll, ppl.window_tokens, seed)
     m.ppl_delta, m.ppl_delta_lo, m.ppl_delta_hi = delta.estimate, delta.lo, delta.hi
     m.ppl_within_noise = delta.contains(0.0)
-
-
-def _describe(report: StageReport) -> str:
-    return REGISTRY[report.stage].config_cls.model_validate(report.config).describe()
 
 
 def _threads(recipe: Recipe) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,10 +192,9 @@ def test_pipeline_composes_and_reports_every_step(first_run, tmp_path) -> None:
     assert code == 0
     df = pd.read_csv(out / "results.csv").set_index("variant")
     assert list(df.index) == ["baseline", "pruned", "recovered", "recovered-int8"]
-    # The row describes the whole chain from the baseline, non-default settings in brackets.
+    # The row describes the whole chain from the baseline, as readable text.
     stages = df.loc["recovered-int8", "stages"]
-    assert stages.startswith("prune -> distill(max_steps=30, seq_len=64,")
-    assert stages.endswith(" -> int8")
+    assert re.fullmatch(r"prune 50% magnitude -> distill \d+ steps -> int8", stages), stages
     # Pruned zeros survive recovery (masked) and int8 quantization (zero codes).
     assert df.loc["pruned", "sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert df.loc["recovered", "sparsity"] == pytest.approx(0.5, abs=1e-6)

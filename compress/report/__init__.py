@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from compress.report.html import html_table, render_html, write_html
-from compress.report.plots import ratio_bar_charts
+from compress.report.plots import layer_charts, ratio_bar_charts, scatter_charts
+from compress.report.provenance import provenance
 from compress.report.study import dashboard_command, sqlite_url, write_study
 from compress.report.sweep import (
     pareto_front,
@@ -56,8 +58,13 @@ def write_report(
     definitions: dict[str, str],
     environment: dict[str, str],
     sections: Sequence[tuple[str, str]] = (),
+    provenance_info: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write a run's report into `out_dir` (created if needed) and return the file paths.
+
+    `meta["variants"][name]["layers"]`, where present, gives the per-layer charts; a saved
+    model under `out_dir/variants/<name>/` is linked from its row. `provenance_info`
+    defaults to this process's (:func:`compress.report.provenance.provenance`).
 
     Keys of the result: "csv", "json", "html", "study" (the SQLite file holding the Optuna
     study named `name`; any earlier study of that name in it is replaced).
@@ -73,6 +80,7 @@ def write_report(
     }
     write_csv(paths["csv"], rows)
     write_json(paths["json"], rows, meta)
+    variants = meta.get("variants") or {}
     write_html(
         paths["html"],
         rows,
@@ -82,6 +90,14 @@ def write_report(
         environment=environment,
         sections=sections,
         charts=ratio_bar_charts(rows),
+        scatter=scatter_charts(rows),
+        layers=layer_charts({v: (d or {}).get("layers") for v, d in variants.items()}),
+        provenance=provenance() if provenance_info is None else provenance_info,
+        model_links={
+            str(row["variant"]): f"variants/{quote(str(row['variant']))}/"
+            for row in rows
+            if (out_dir / "variants" / str(row["variant"])).is_dir()
+        },
     )
     write_study(sqlite_url(paths["study"]), name, rows, meta=meta)
     logger.info(

@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from compress.report.plots import legend_png
+from compress.report.plots import svg_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ def write_tensorboard(root: Path, curves: Mapping[str, Sequence[dict]]) -> dict[
     return out
 
 
-def curve_png(records: Sequence[dict], title: str) -> bytes:
-    """Training loss at every step and validation loss at the steps that validated."""
-    fig = Figure(figsize=(5.0, 3.0), dpi=100, layout="constrained")
+def curve_svg(records: Sequence[dict], title: str) -> bytes:
+    """Training loss at every step and validation loss at the steps that validated (SVG)."""
+    fig = Figure(figsize=(6.0, 3.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     steps = [r["step"] for r in records]
@@ -74,13 +74,13 @@ def curve_png(records: Sequence[dict], title: str) -> bytes:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    return legend_png(fig)
+    return svg_bytes(fig, legend=True)
 
 
 def curve_charts(curves: Mapping[str, Sequence[dict]]) -> list[tuple[str, bytes]]:
-    """``(title, png)`` per phase that has a curve."""
+    """``(title, svg)`` per phase that has a curve."""
     return [
-        (f"{phase}: loss vs step", curve_png(records, phase))
+        (f"{phase}: loss vs step", curve_svg(records, phase))
         for phase, records in curves.items()
         if records
     ]

@@ -32,7 +32,6 @@ from compress.report import (
 )
 
 EVIL = "<script>x</script>"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_rows() -> list[dict]:
@@ -176,15 +175,16 @@ def test_json_round_trip(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- charts / HTML
 
 
-def test_charts_are_pngs_and_skip_failed_rows() -> None:
+def test_charts_are_svgs_and_skip_failed_rows() -> None:
     charts = ratio_bar_charts(fake_rows())
     titles = [t for t, _ in charts]
     assert len(charts) == 3
     assert any("Perplexity" in t for t in titles)
     assert any("latency" in t for t in titles)
     assert any("Memory" in t for t in titles)
-    for _, png in charts:
-        assert png.startswith(PNG_MAGIC)
+    for _, svg in charts:
+        assert b"<svg" in svg[:1000] and svg.rstrip().endswith(b"</svg>")
+        assert b"\x89PNG" not in svg
     # Nothing measured at all: no charts, no crash.
     assert ratio_bar_charts([fake_rows()[2]]) == []
 
@@ -217,7 +217,7 @@ def test_html_content_and_escaping() -> None:
     assert EVIL not in page
     assert "&lt;script&gt;x&lt;/script&gt;" in page
     assert "RuntimeError: boom &amp; &lt;bad&gt;" in page  # failed row shows its error
-    assert page.count("data:image/png;base64,") == 3
+    assert page.count("<svg") == 3 and "data:image/png;base64," not in page
     for term, text in DEFINITIONS.items():
         assert term in page and text in page
     assert "quantize: {method: int8, threshold: 6.0}" in page
@@ -235,7 +235,7 @@ def test_html_table_escapes_cells() -> None:
     out = html_table([{"a": EVIL, "b": 1234567}, {"a": "ok", "c": 0.5}])
     assert EVIL not in out and "&lt;script&gt;" in out
     assert "1,234,567" in out and "0.5" in out
-    assert out.count("<th>") == 3
+    assert out.count("</th>") == 3 and out.count('<th class="text">a<') == 1
     assert html_table([{"a": 1, "b": 2}], columns=["b"]).count("<td") == 1
 
 
@@ -321,7 +321,7 @@ def test_write_report_writes_everything(tmp_path: Path) -> None:
     assert pd.read_csv(paths["csv"]).loc[1, "weight_bytes_ratio"] == pytest.approx(0.25)
     assert json.loads(paths["json"].read_text())["meta"]["recipe"] == "int8"
     page = paths["html"].read_text()
-    assert "Unigram vs model" in page and "data:image/png;base64," in page
+    assert "Unigram vs model" in page and "<svg" in page
     _check_study(f"sqlite:///{paths['study']}", "int8", fake_rows())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from compress.report import render_html
 from tests.test_run_noise import ROWS
 
@@ -14,9 +16,11 @@ def test_summary_marks_noise() -> None:
     rows = [dict(r) for r in ROWS]
     rows[1].update(perplexity_lo=128.0, perplexity_hi=130.9)
     page = _page(rows)
-    assert "129.40 [128.00, 130.90]" in page
-    assert "1.550 [0.900, 2.400] NOISY" in page
-    assert "0.520 [0.510, 0.530]</td>" in page
+    text = re.sub(r"<(?!/td)[^>]+>", "", page)  # the cells' text, cell ends kept
+    assert "129.40 [128.00, 130.90]" in text
+    assert "1.550 [0.900, 2.400] NOISY" in text
+    assert "0.520 [0.510, 0.530]</td>" in text
+    assert '<span class="ci"> [0.510, 0.530]</span>' in page  # the interval on its own line
     assert page.count("(within noise)") == 1
     assert "Partial baseline" not in page
 
@@ -24,5 +28,5 @@ def test_summary_marks_noise() -> None:
 def test_partial_baseline_notice_comes_first() -> None:
     rows = [{**r, "baseline_partial": "partial: 115 of 700 steps"} for r in ROWS]
     page = _page(rows)
-    assert page.index("Partial baseline") < page.index("<h2>Summary")
+    assert page.index('<h2 id="sec-partial-baseline">') < page.index('<h2 id="sec-summary">')
     assert "The baseline is partial: 115 of 700 steps" in page
