@@ -226,6 +226,7 @@ def run_sweep(
     opened = False
     try:
         ws = prepare(recipe, recipe_path.resolve().parent, progress=progress)
+        ws.progress.keep = False  # a trial's phases are shown while they run; its line stays
         echo(ws.baseline_info.headline())
         sampler_probe = optuna.samplers.RandomSampler()
         st, created = open_study(rdb, name, recipe, ws, sampler_probe)
