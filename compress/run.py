@@ -219,9 +219,16 @@ def legend(rows: list[dict], width: int = 80) -> str:
     return "; ".join(c.legend for c in cols if c.legend) + "."
 
 
-def say(text: str, width: int = 80) -> None:
-    """Print `text` wrapped at `width` columns, continuation lines indented."""
-    for line in textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False):
+def say(text: str, width: int = 80, indent: str = "") -> None:
+    """Print `text` wrapped at `width` columns, after `indent`; continuation lines indented
+    two more spaces."""
+    for line in textwrap.wrap(
+        text,
+        width,
+        initial_indent=indent,
+        subsequent_indent=indent + "  ",
+        break_on_hyphens=False,
+    ):
         print(line, flush=True)
 
 
@@ -582,7 +589,9 @@ def run_sweep_cli(recipe: Recipe, args: argparse.Namespace) -> int:
             echo=lambda line: print(line, flush=True),
         )
     print()
-    print(summary(outcome, spec))
+    for line in summary(outcome, spec).splitlines():
+        indent = " " * (len(line) - len(line.lstrip()))
+        say(line.strip(), indent=indent)
     print()
     print(f"report: {outcome.paths['html']}  (also {outcome.paths['csv'].name})")
     print(f"dashboard: {command_for(out_dir)}")

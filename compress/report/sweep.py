@@ -556,7 +556,8 @@ def place_labels(
     line_h: float = 11.0,
 ) -> list[tuple[float, float]]:
     """An offset from :data:`LABEL_OFFSETS` for each label so that no two labels' boxes
-    overlap where an offset allows it (greedy, labels placed from the lowest anchor up).
+    overlap, nor a label and a point, where an offset allows it (greedy, labels placed from
+    the lowest anchor up).
 
     `anchors` are the points in display units (points, y up), `char_w` and `line_h` a
     character's width and a line's height there. A label no offset frees goes where it
@@ -572,7 +573,8 @@ def place_labels(
         dy = min(a[3], b[3]) - max(a[1], b[1])
         return max(dx, 0.0) * max(dy, 0.0)
 
-    placed: list[tuple] = []
+    r = 5.0  # a marker's half-width: labels keep off the points too
+    placed: list[tuple] = [(x - r, y - r, x + r, y + r) for x, y in anchors]
     out: list[tuple[float, float]] = [LABEL_OFFSETS[0]] * len(anchors)
     for i in sorted(range(len(anchors)), key=lambda i: (anchors[i][1], anchors[i][0])):
         costs = [sum(overlap(box(i, off), b) for b in placed) for off in LABEL_OFFSETS]
