@@ -182,7 +182,7 @@ def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
         shutil.rmtree(vdir, ignore_errors=True)
         with contextlib.suppress(OSError):  # another worker's checkpoint may still be there
             vdir.parent.rmdir()
-    with gate.exclusive() as waited:
+    with gate.exclusive() as waited, w.ws.progress.phase(f"trial-{number}: latency"):
         timings = paired_latency(w.ws, model, w.latency_threads)
     set_latency(res.measurement, timings)
     measured = {
