@@ -136,7 +136,7 @@ def bar(
         leave=False,
         unit=unit,
         file=stream,
-        ncols=WIDTH,
+        ncols=WIDTH - 1,  # a full-width line wraps on some terminals
         dynamic_ncols=False,
     )
 
