@@ -131,3 +131,15 @@ def test_noise_notes_name_the_untrustworthy_numbers() -> None:
         "noise: int8: perplexity change +0.100 is within noise (95% CI -0.050 to +0.250 "
         "contains 0)",
     ]
+
+
+def test_say_wraps_at_80_columns_keeping_the_indent(capsys) -> None:
+    from compress.run import say
+
+    line = "trial   7 [sampled] perplexity 240.06  latency_ratio 1.000x  weight_bytes 0.70 MB"
+    say(line + "  prune(sparsity=0.5) -> int8", indent="  ")
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all(len(x) <= 80 for x in out)
+    assert out[0].startswith("  trial   7") and out[1].startswith("    ")
+    words = " ".join(x.strip() for x in out).split()
+    assert words == (line + "  prune(sparsity=0.5) -> int8").split()  # nothing lost
