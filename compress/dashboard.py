@@ -20,8 +20,12 @@ password recorded masked (``***``) is dropped, so PostgreSQL falls back to ``PGP
 artifact folder inside its own folder. ``--storage`` (where ``$VARS`` are expanded: it is
 the user's own input) replaces the recorded URL altogether.
 
-It prints one line saying what it serves and where, then runs optuna-dashboard's own server
-in the foreground until Ctrl-C. Exit codes: 2 bad input (the reason on one line of stderr),
+It binds the address first (a port already taken is one line of error, before anything
+else), prints one line saying what it serves and where, then serves optuna-dashboard's own
+application in the foreground until Ctrl-C. The dashboard is read-only unless
+``--allow-writes`` is given: a request that would change the study or its artifacts (a note,
+a deleted trial, an uploaded file: anything but GET and HEAD) is refused with 403, so looking
+at results cannot alter them. Exit codes: 2 bad input (the reason on one line of stderr),
 130 interrupted.
 """
 
@@ -30,11 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from compress.errors import CompressError
 from compress.storage import (
@@ -304,6 +310,57 @@ def dashboard_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/dashboard/"
 
 
+READ_ONLY_REASON = (
+    "this dashboard is read-only: start it with --allow-writes to change the study or its artifacts"
+)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+WsgiApp = Callable[[dict, Callable], Iterable[bytes]]
+
+
+def read_only(app: WsgiApp) -> WsgiApp:
+    """`app` refusing every request that could change something (any method but GET, HEAD and
+    OPTIONS) with 403 and optuna-dashboard's own error shape, ``{"reason": ...}``, which its
+    pages show."""
+
+    def guarded(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD", "GET").upper() in SAFE_METHODS:
+            return app(environ, start_response)
+        body = json.dumps({"reason": READ_ONLY_REASON}).encode()
+        start_response(
+            "403 Forbidden",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+    return guarded
+
+
+def bind(host: str, port: int, app: WsgiApp) -> Any:
+    """A WSGI server for `app` already listening on `host`:`port` (quiet: no line per
+    request), or :class:`DashboardError` on one line when the address cannot be had (a port
+    another program holds, an address not on this machine)."""
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+            pass
+
+    class Server(WSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    try:
+        return make_server(host, port, app, server_class=Server, handler_class=Quiet)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        hint = (
+            f"; is a dashboard already running there? Pass --port {port + 1} (or another)"
+            if exc.errno in (98, 48, 10048)  # EADDRINUSE on Linux, macOS, Windows
+            else ""
+        )
+        raise DashboardError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m compress.dashboard",
@@ -323,6 +380,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--artifact-dir", type=Path, help="artifact folder to use instead of the recorded one"
+    )
+    p.add_argument(
+        "--allow-writes",
+        action="store_true",
+        help="let the dashboard change the study: notes, deleting trials, uploading or "
+        "deleting artifacts (default: read-only)",
     )
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -345,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         store = FileSystemArtifactStore(str(src.artifact_dir)) if src.artifact_dir else None
+        app = optuna_dashboard.wsgi(storage, artifact_store=store)
+        server = bind(args.host, args.port, app if args.allow_writes else read_only(app))
         if src.study_name is not None:
             what = f"study {src.study_name!r}"
         elif len(names) == 1:
@@ -352,26 +417,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             what = f"{len(names)} studies"
         arts = f" with artifacts in {src.artifact_dir}" if src.artifact_dir else ""
+        mode = "" if args.allow_writes else ", read-only"
+        port = server.server_port  # the one bound (--port 0: any free one)
         print(
             f"optuna-dashboard: {what} from {mask_url(src.storage)}{arts} "
-            f"at {dashboard_url(args.host, args.port)}  (Ctrl-C to stop)",
+            f"at {dashboard_url(args.host, port)}  (Ctrl-C to stop{mode})",
             flush=True,
         )
         try:
-            optuna_dashboard.run_server(
-                storage, host=args.host, port=args.port, artifact_store=store
-            )
-        except OSError as exc:  # the port is taken, the host is not ours, ...
-            raise DashboardError(
-                f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
-            ) from None
+            server.serve_forever()
+        finally:
+            server.server_close()
     except CompressError as exc:
         print(f"error: {mask_urls(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    # bottle's run() swallows KeyboardInterrupt and returns: the server only stops on Ctrl-C.
-    return 130
+    return 130  # serve_forever only returns when stopped
 
 
 if __name__ == "__main__":

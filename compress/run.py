@@ -12,7 +12,10 @@ import argparse
 import html
 import logging
 import sys
+import textwrap
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -30,7 +33,14 @@ from compress.report.generation import continuations_html
 from compress.report.html import charts_html
 from compress.runtime import tune_allocator
 from compress.storage import mask_urls
-from compress.workbench import VariantResult, Workspace, environment, prepare, run_variants
+from compress.workbench import (
+    BASELINE,
+    VariantResult,
+    Workspace,
+    environment,
+    prepare,
+    run_variants,
+)
 
 log = logging.getLogger("compress")
 
@@ -70,30 +80,173 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _fmt_bytes(n: float | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.2f} MB"
-
-
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _ppl_delta_cell(r: dict) -> str:
-    """``+0.123 [-0.050, +0.301] within noise``."""
-    if r.get("ppl_delta") is None or r.get("ppl_delta_lo") is None:
+def _num(v: float | None) -> str:
+    """About four significant figures, never in exponent notation: 129.3, 42.31, 0.5120."""
+    if v is None:
         return "-"
-    cell = f"{r['ppl_delta']:+.3f} [{r['ppl_delta_lo']:+.3f}, {r['ppl_delta_hi']:+.3f}]"
-    return cell + (" within noise" if r.get("ppl_within_noise") else "")
+    a = abs(v)
+    digits = 0 if a >= 1000 else 1 if a >= 100 else 2 if a >= 1 else 3
+    return f"{v:.{digits}f}"
+
+
+def _signed(v: float) -> str:
+    """A difference with its sign: +0.10, -1.25, +123.4."""
+    a = abs(v)
+    return f"{v:+.{0 if a >= 1000 else 1 if a >= 100 else 2}f}"
+
+
+def _ppl_delta_cell(r: dict) -> str:
+    """``+0.10 [-0.05,+0.25]~``: the difference to the baseline, its 95% interval, and ``~``
+    when the interval contains 0 (within noise)."""
+    if r.get("ppl_delta") is None or r.get("ppl_delta_lo") is None or r["variant"] == BASELINE:
+        return "-"
+    cell = f"{_signed(r['ppl_delta'])} [{_signed(r['ppl_delta_lo'])},{_signed(r['ppl_delta_hi'])}]"
+    return cell + ("~" if r.get("ppl_within_noise") else "")
+
+
+def _latency_ms_cell(r: dict) -> str:
+    if r.get("latency_ms") is None:
+        return "-"
+    iqr = r.get("latency_iqr_ms")
+    return _num(r["latency_ms"]) + ("" if iqr is None else f"±{_num(iqr)}")
 
 
 def _latency_ratio_cell(r: dict) -> str:
-    """``0.512 [0.498, 0.526]``, with ``NOISY`` when the interval stayed wider than asked."""
+    """``0.512``, with ``*`` when its interval stayed wider than asked (the interval itself is
+    in results.csv and the report)."""
     if r.get("latency_ratio") is None:
         return "-"
-    cell = f"{r['latency_ratio']:.3f}"
-    if r.get("latency_ratio_lo") is not None:
-        cell += f" [{r['latency_ratio_lo']:.3f}, {r['latency_ratio_hi']:.3f}]"
-    return cell + (" NOISY" if r.get("latency_noisy") else "")
+    return f"{r['latency_ratio']:.3f}" + ("*" if r.get("latency_noisy") else "")
+
+
+def _mb(v: float | None) -> str:
+    return "-" if v is None else f"{v / 1e6:.1f}"
+
+
+def _name(r: dict, width: int = 16) -> str:
+    name = str(r["variant"])
+    return name if len(name) <= width else name[: width - 2] + ".."
+
+
+@dataclass(frozen=True)
+class Column:
+    head: str
+    cell: Callable[[dict], str]
+    keep: int  # the table drops the lowest first while it is wider than the terminal
+    legend: str = ""  # what the heading's abbreviations and the cell's marks mean
+    right: bool = True
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("variant", _name, 100, right=False),
+    Column("ppl", lambda r: _num(r.get("perplexity")), 90, "ppl = perplexity"),
+    Column(
+        "ppl - base [95% CI]",
+        _ppl_delta_cell,
+        80,
+        "base = baseline; [a,b] = 95% confidence interval; ~ = within noise (it contains 0)",
+        right=False,
+    ),
+    Column("lat ms", _latency_ms_cell, 40, "lat ms = median forward pass ± interquartile range"),
+    Column(
+        "lat x",
+        _latency_ratio_cell,
+        70,
+        "x = ratio to the baseline (latency: paired); * = noisy (interval wider than "
+        "eval.latency.ci_target)",
+    ),
+    Column("size x", lambda r: _fmt(r.get("weight_bytes_ratio"), ".3f"), 60, "size = weight bytes"),
+    Column(
+        "RSS MB",
+        lambda r: _mb(r.get("peak_rss_bytes")),
+        20,
+        "RSS = peak resident memory of a fresh process",
+    ),
+    Column("GPU MB", lambda r: _mb(r.get("gpu_peak_bytes")), 15, "GPU = peak GPU memory"),
+    Column(
+        "top-1", lambda r: _fmt(r.get("top1_accuracy"), ".3f"), 30, "top-1 = next-token accuracy"
+    ),
+    Column(
+        "chrF fid",
+        lambda r: _fmt(r.get("chrf_fidelity"), ".1f"),
+        10,
+        "chrF fid = chrF against the baseline's continuations",
+    ),
+    Column("status", lambda r: "ok" if r["status"] == "ok" else "FAILED", 95, right=False),
+)
+"""The terminal summary's columns, in display order; every metric is in results.csv."""
+
+
+def _columns(rows: list[dict], width: int) -> tuple[list[Column], list[list[str]], list[int]]:
+    """The columns that fit in `width` (the least important left out first), each row's
+    cells and the columns' widths."""
+    cols = [
+        c
+        for c in COLUMNS
+        if c.head != "GPU MB" or any(r.get("gpu_peak_bytes") is not None for r in rows)
+    ]
+    while True:
+        cells = [[c.cell(r) for c in cols] for r in rows]
+        widths = [max(len(c.head), *(len(line[i]) for line in cells)) for i, c in enumerate(cols)]
+        if sum(widths) + 2 * (len(cols) - 1) <= width or len(cols) <= 3:
+            return cols, cells, widths
+        cols.remove(min(cols, key=lambda c: c.keep))
+
+
+def summary_table(rows: list[dict], width: int = 80) -> str:
+    """The variants side by side in at most `width` columns: the least important columns
+    are left out while the table is wider (all of them are in results.csv)."""
+    cols, cells, widths = _columns(rows, width)
+
+    def fmt(items: list[str]) -> str:
+        return "  ".join(
+            (item.rjust(w) if c.right else item.ljust(w))
+            for item, w, c in zip(items, widths, cols, strict=True)
+        ).rstrip()
+
+    out = [fmt([c.head for c in cols]), fmt(["-" * w for w in widths])]
+    out += [fmt(line) for line in cells]
+    return "\n".join(out)
+
+
+def legend(rows: list[dict], width: int = 80) -> str:
+    """What the abbreviations and marks of the columns :func:`summary_table` shows mean."""
+    cols, _, _ = _columns(rows, width)
+    return "; ".join(c.legend for c in cols if c.legend) + "."
+
+
+def say(text: str, width: int = 80, indent: str = "") -> None:
+    """Print `text` wrapped at `width` columns, after `indent`; continuation lines indented
+    two more spaces."""
+    for line in textwrap.wrap(
+        text,
+        width,
+        initial_indent=indent,
+        subsequent_indent=indent + "  ",
+        break_on_hyphens=False,
+    ):
+        print(line, flush=True)
+
+
+def summary_lines(rows: list[dict], recipe: Recipe, width: int = 80) -> list[str]:
+    """What the terminal shows after a run: the table, its legend, why each failed variant
+    failed and which numbers are noise, every line at most `width` characters."""
+
+    def wrap(text: str) -> list[str]:
+        return textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False)
+
+    lines = summary_table(rows, width).splitlines()
+    lines += wrap(legend(rows, width))
+    for r in rows:
+        if r["status"] != "ok":
+            lines += wrap(f"FAILED {r['variant']}: {r.get('error')}")
+    for note in noise_notes(rows, recipe):
+        lines += wrap(note)
+    return lines
 
 
 def noise_notes(rows: list[dict], recipe: Recipe) -> list[str]:
@@ -116,56 +269,6 @@ def noise_notes(rows: list[dict], recipe: Recipe) -> list[str]:
                 f"(95% CI {r['ppl_delta_lo']:+.3f} to {r['ppl_delta_hi']:+.3f} contains 0)"
             )
     return out
-
-
-def summary_table(rows: list[dict]) -> str:
-    cols = [
-        "variant",
-        "ppl",
-        "ppl x",
-        "ppl - baseline (95% CI)",
-        "latency ms",
-        "lat x (95% CI)",
-        "weights",
-        "wt x",
-        "q-layer x",
-        "peak RSS",
-        "top-1 acc",
-        "agree",
-        "chrF fid",
-        "status",
-    ]
-    gpu = any(r.get("gpu_peak_bytes") is not None for r in rows)
-    if gpu:  # the run was on a CUDA device
-        cols.insert(-1, "GPU peak")
-    lines = []
-    for r in rows:
-        lines.append(
-            [
-                r["variant"],
-                _fmt(r.get("perplexity"), ".3f"),
-                _fmt(r.get("perplexity_ratio"), ".4f"),
-                _ppl_delta_cell(r),
-                "-"
-                if r.get("latency_ms") is None
-                else f"{r['latency_ms']:.2f} ± {r['latency_iqr_ms']:.2f}",
-                _latency_ratio_cell(r),
-                _fmt_bytes(r.get("weight_bytes")),
-                _fmt(r.get("weight_bytes_ratio"), ".3f"),
-                _fmt(r.get("quantized_layer_bytes_ratio"), ".3f"),
-                _fmt_bytes(r.get("peak_rss_bytes")),
-                _fmt(r.get("top1_accuracy"), ".4f"),
-                _fmt(r.get("top1_agreement"), ".4f"),
-                _fmt(r.get("chrf_fidelity"), ".1f"),
-                *([_fmt_bytes(r.get("gpu_peak_bytes"))] if gpu else []),
-                r["status"] if r["status"] == "ok" else f"FAILED: {r.get('error')}",
-            ]
-        )
-    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*line) for line in lines]
-    return "\n".join(out)
 
 
 def training_curves(ws: Workspace, results: list[VariantResult]) -> dict[str, list[dict]]:
@@ -424,7 +527,7 @@ def run(
     with claim(out_dir, "run") as folder:  # one writer, a folder compress owns: before any work
         print(f"compress: {recipe_path} -> {out_dir}/  (variants: {names})", flush=True)
         ws = prepare(recipe, recipe_path.resolve().parent, progress=progress)
-        print(f"data: {ws.corpus.description}", flush=True)
+        say(f"data: {ws.corpus.description}")
         print(f"{ws.baseline_info.headline()}; setup {ws.setup_seconds:.1f} s", flush=True)
         with folder.staged() as staging:  # the previous report stays whole until the swap
             results = run_variants(ws, staging, progress=progress)
@@ -449,15 +552,14 @@ def run(
     paths = {key: out_dir / path.name for key, path in written.items()}
     rows = add_ratios(rows)
     print()
-    print(summary_table(rows))
-    print()
+    for line in summary_lines(rows, recipe):
+        print(line)
     print(
         f"unigram perplexity of the same tokens: {ws.unigram_perplexity:.2f}; "
         f"run took {seconds:.1f} s"
     )
-    for line in noise_notes(rows, recipe):
-        print(line)
-    print(f"report: {paths['html']}  (also {paths['csv'].name}, {paths['json'].name})")
+    print(f"every metric of every variant: {paths['csv']}")
+    print(f"report: {paths['html']}  (also {paths['json'].name})")
     print(f"dashboard: {dashboard_command(paths['study'])}")
     if curves:
         print(f"training curves: tensorboard --logdir {tb_dir}")
@@ -498,7 +600,9 @@ def run_sweep_cli(recipe: Recipe, args: argparse.Namespace) -> int:
             echo=lambda line: print(line, flush=True),
         )
     print()
-    print(summary(outcome, spec))
+    for line in summary(outcome, spec).splitlines():
+        indent = " " * (len(line) - len(line.lstrip()))
+        say(line.strip(), indent=indent)
     print()
     print(f"report: {outcome.paths['html']}  (also {outcome.paths['csv'].name})")
     print(f"dashboard: {command_for(out_dir)}")

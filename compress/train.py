@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from compress import gate
 from compress.models.adapter import model_device
+from compress.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +268,7 @@ def train(
             model, state, report(stopped_by if stopped_by in PARTIAL_STOPS else "interrupted")
         )
 
-    bar = tqdm(
-        total=cfg.max_steps, initial=step, desc=desc, disable=not progress, leave=False, unit="step"
-    )
+    bar = progress_bar(cfg.max_steps, desc, enabled=progress, unit="step", initial=step)
     try:
         while step < cfg.max_steps:
             gate.checkpoint()  # let a waiting latency measurement have the machine

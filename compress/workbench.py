@@ -70,6 +70,7 @@ from compress.models.adapter import ModelAdapter, adapter_for, resolve_device
 from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baseline
 from compress.models.gpt import PRESETS, GPTConfig
 from compress.preflight import check_tokens
+from compress.progress import Progress
 from compress.recipe import Recipe, VariantSpec, parse_stage, stage_seq_lens, variant_stages
 from compress.report.describe import describe_pipeline
 from compress.runtime import building_allocator, release_memory
@@ -114,6 +115,8 @@ class Workspace:
     # token ids of the other corpora stages train on (finetune), by data_key(spec)
     data_tokens: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     _reference: Reference | None = field(default=None, repr=False)
+    # what is running now, on the terminal (silent unless an entry point asks for it)
+    progress: Progress = field(default_factory=Progress.off, repr=False)
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -215,13 +218,17 @@ def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
     """Data, tokenizer, token ids and the baseline on the recipe's device; every check that
     needs the model (context length, vocabulary) runs here, before any variant is built."""
     start = time.perf_counter()
+    shown = Progress(enabled=progress)
     device = resolve_device(recipe.device)
-    corpus = load_corpus(recipe, base_dir)
-    # Read the stages' corpora now, so a missing file stops the run before any training.
-    others = {data_key(s): load_corpus_spec(s, base_dir) for s in stage_corpora(recipe)}
+    with shown.phase("corpus: reading"):
+        corpus = load_corpus(recipe, base_dir)
+        # Read the stages' corpora now, so a missing file stops the run before any training.
+        others = {data_key(s): load_corpus_spec(s, base_dir) for s in stage_corpora(recipe)}
     if recipe.model.hf is not None:
-        baseline, info, tokenizer = load_hf_baseline(recipe.model, base_dir)
-        tokens = encode_splits(tokenizer, corpus)
+        with shown.phase(f"baseline: loading {recipe.model.hf}"):
+            baseline, info, tokenizer = load_hf_baseline(recipe.model, base_dir)
+        with shown.phase("tokenizer: encoding the splits"):
+            tokens = encode_splits(tokenizer, corpus)
         check_tokens(recipe, tokens, trains_baseline=False)
         vocab = adapter_for(baseline).vocab_size(baseline)
         for split, ids in tokens.items():
@@ -231,19 +238,21 @@ def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
                     f"the model's vocabulary has {vocab} entries"
                 )
     else:
-        tokenizer = train_tokenizer(corpus, recipe.data.vocab_size)
-        tokens = encode_splits(tokenizer, corpus)
+        with shown.phase(f"tokenizer: training (vocab {recipe.data.vocab_size}), encoding"):
+            tokenizer = train_tokenizer(corpus, recipe.data.vocab_size)
+            tokens = encode_splits(tokenizer, corpus)
         check_tokens(recipe, tokens, trains_baseline=True)
         cfg = GPTConfig(vocab_size=tokenizer.vocab_size, **PRESETS[recipe.model.preset])
-        baseline, info = get_baseline(
-            cfg,
-            tokens,
-            corpus.fingerprint,
-            tokenizer.fingerprint,
-            train_config(recipe),
-            progress,
-            partial=recipe.train.partial,
-        )
+        with shown.phase(f"baseline: {recipe.model.preset} from the cache, or trained now"):
+            baseline, info = get_baseline(
+                cfg,
+                tokens,
+                corpus.fingerprint,
+                tokenizer.fingerprint,
+                train_config(recipe),
+                progress,
+                partial=recipe.train.partial,
+            )
         if recipe.model.dtype != "float32":
             baseline = baseline.to(getattr(torch, recipe.model.dtype))
     _check_context(recipe, adapter_for(baseline).max_seq_len(baseline))
@@ -265,6 +274,7 @@ def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
         device,
         base_dir=base_dir,
         data_tokens=data_tokens,
+        progress=shown,
     )
 
 
@@ -371,13 +381,18 @@ def measure_static(
         sparsity=zeros / total if total else 0.0,
         quantized_modules=sum(len(r.touched) for r in quant),
     )
-    ppl = _perplexity(ws, model)
+    shown = ws.progress
+    with shown.phase(f"{name}: perplexity ({_eval_ids(recipe, ws.tokens).numel():,} tokens)"):
+        ppl = _perplexity(ws, model)
     if not torch.isfinite(torch.tensor(ppl.perplexity)):
         raise FloatingPointError(f"perplexity is {ppl.perplexity}")
     if model is ws.baseline:
         ws.baseline_perplexity = ppl
     set_perplexity(m, ppl, baseline_perplexity(ws), recipe.seed)
-    continuations = measure_quality(ws, model, m)
+    gen = recipe.eval.generation
+    what = f"top-1 accuracy, {gen.prompts} greedy continuations" if gen.prompts else "top-1"
+    with shown.phase(f"{name}: {what}"):
+        continuations = measure_quality(ws, model, m)
     if variant_dir.exists():
         shutil.rmtree(variant_dir)
     save_variant(model, variant_dir, extra={"variant": name, "stages": description})
@@ -385,9 +400,10 @@ def measure_static(
     rss = None
     if recipe.eval.memory.peak_rss:
         lat = recipe.eval.latency
-        rss = peak_rss(
-            variant_dir, lat.batch_size, lat.seq_len, _threads(recipe), device=str(ws.device)
-        )
+        with shown.phase(f"{name}: peak memory (a fresh process loads the saved model)"):
+            rss = peak_rss(
+                variant_dir, lat.batch_size, lat.seq_len, _threads(recipe), device=str(ws.device)
+            )
         m.peak_rss_bytes = rss["peak_rss_bytes"]
         m.gpu_peak_bytes = rss.get("gpu_peak_bytes")
         m.rss_after_load_bytes = rss["rss_after_load_bytes"]
@@ -556,7 +572,8 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
             if spec is None:
                 model, reports, chain = ws.baseline, [], []
             else:
-                with building_allocator():
+                stages = " -> ".join(stage.name for stage in variant_stages(spec))
+                with building_allocator(), ws.progress.phase(f"{name}: building ({stages})"):
                     model, reports = build_variant(ws, spec, models, progress)
                 chain = chains[spec.start] + reports
                 release_memory()  # the fp32 layers a stage replaced, freed but still resident
@@ -565,7 +582,12 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
             chains[name] = chain
             log.info("variant %s: perplexity, size and peak RSS measured", name)
             if spec is not None or len(specs) == 1:
-                timings = paired_latency(ws, model, threads)
+                lat = recipe.eval.latency
+                with ws.progress.phase(
+                    f"{name}: latency, paired rounds with the baseline (up to "
+                    f"{lat.max_seconds:g} s)"
+                ):
+                    timings = paired_latency(ws, model, threads)
                 res.latency = timings.variant
                 baseline_samples += timings.baseline.samples_ms
                 set_latency(res.measurement, timings)

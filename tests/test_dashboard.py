@@ -407,3 +407,63 @@ def test_cli_bad_input_has_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == f"error: {tmp_path / 'nope'}: no such report folder (nor a storage URL)\n"
+
+
+# ---------------------------------------------------------------- read-only, a taken port
+
+
+def test_a_taken_port_is_one_line_and_exit_2_before_anything_else(
+    sweep: Sweep, capsys: pytest.CaptureFixture
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        try:
+            holder.bind(("127.0.0.1", 0))
+        except OSError as exc:
+            pytest.skip(f"cannot bind a loopback port: {exc}")
+        holder.listen()
+        port = holder.getsockname()[1]
+        code = main([str(sweep.folder), "--host", "127.0.0.1", "--port", str(port)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""  # no "serving at ..." before the failure
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+    assert "already in use" in lines[0].lower() and f"--port {port + 1}" in lines[0]
+
+
+def _request(server: Server, method: str, route: str, body: bytes = b"{}") -> tuple[int, Any]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(server.base + route, data=body, method=method)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with opener.open(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_read_only_unless_asked(sweep: Sweep, tmp_path: Path) -> None:
+    with _dashboard([str(sweep.folder)], cwd=tmp_path) as server:
+        (study,) = server.json("/api/studies")["study_summaries"]
+        sid = study["study_id"]
+        trial_id = server.json(f"/api/studies/{sid}?after=0")["trials"][1]["trial_id"]
+        code, body = _request(
+            server, "DELETE", f"/api/artifacts/{sid}/{trial_id}/{sweep.artifact_id}"
+        )
+        assert code == 403 and "--allow-writes" in body["reason"]
+        code, _ = _request(server, "DELETE", f"/api/studies/{sid}")
+        assert code == 403
+        code, _ = _request(
+            server, "PUT", f"/api/studies/{sid}/note", b'{"version": 1, "body": "x"}'
+        )
+        assert code == 403
+        assert server.json("/api/studies")["study_summaries"][0]["study_id"] == sid  # still there
+        assert server.get(f"/artifacts/{sid}/{trial_id}/{sweep.artifact_id}")  # still served
+    assert "read-only" in server.out.read_text()
+    with _dashboard([str(sweep.folder), "--allow-writes"], cwd=tmp_path) as server:
+        code, _ = _request(
+            server, "PUT", f"/api/studies/{sid}/note", b'{"version": 1, "body": "x"}'
+        )
+        assert code in (200, 204)
+    assert "read-only" not in server.out.read_text()

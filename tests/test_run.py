@@ -135,6 +135,39 @@ def test_a_failing_variant_does_not_lose_the_others(first_run, tmp_path, capsys)
     assert "1 of 3 variants failed" in capsys.readouterr().err
 
 
+def test_terminal_fits_80_columns_and_a_log_gets_lines_not_carriage_returns(
+    first_run, tmp_path, capsys
+) -> None:
+    """Progress on (the default) with stdout captured, i.e. not a terminal: whole lines for
+    each phase, no carriage return; the summary, with a failed variant and a latency made
+    noisy by an unreachable precision target, fits 80 columns and has its legend."""
+    _, _, recipe = first_run
+    data = yaml.safe_load(recipe.read_text())
+    data["variants"] = [
+        {"name": "broken", "pipeline": [{"int8": {"targets": ["no_such_layer"]}}]},
+        {"name": "int8", "pipeline": [{"int8": {}}]},
+    ]
+    data["eval"]["latency"].update(ci_target=1e-6, max_seconds=0.5)
+    report = tmp_path / "r"
+    code = run_mod.main([str(_write(tmp_path, data)), "--report-dir", str(report)])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out and "\r" not in captured.err
+    out = captured.out.splitlines()
+    for phase in ("corpus: reading ...", "int8: perplexity", "int8: latency", "broken: building"):
+        assert any(line.startswith(phase) for line in out), phase
+    table = out.index(next(line for line in out if line.startswith("variant ")))
+    summary = out[table : out.index(next(line for line in out if line.startswith("report: ")))]
+    summary = [line for line in summary if str(tmp_path) not in line]  # paths are as long as
+    assert [line for line in summary if len(line) > 80] == []
+    assert any(line.startswith("int8 ") and "*" in line for line in summary)  # noisy latency
+    assert any(line.startswith("broken ") and "FAILED" in line for line in summary)
+    words = " ".join(line.strip() for line in summary)
+    assert "* = noisy" in words and "x = ratio to the baseline" in words
+    assert "FAILED broken: " in words and "no_such_layer" in words
+    assert any(line.startswith("every metric of every variant: ") for line in out)
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "compress.run", *args],

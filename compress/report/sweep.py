@@ -527,18 +527,89 @@ def front_plot(
         zorder=4,
         label="seeded variant",
     )
-    if seeds:
-        for x, y, trial in seeds:
-            ax.annotate(
-                str(trial.get("seed")),
-                (x, y),
-                xytext=(5, 4),
-                textcoords="offset points",
-                fontsize="small",
-                parse_math=False,
-            )
     ax.margins(0.08)
+    if seeds:
+        _label_seeds(ax, seeds)
     return legend_png(fig)
+
+
+LABEL_OFFSETS: tuple[tuple[float, float], ...] = (
+    (6, 4),
+    (6, -14),
+    (-6, 4),
+    (-6, -14),
+    (6, 18),
+    (6, -28),
+    (-6, 18),
+    (-6, -28),
+    (6, 32),
+    (6, -42),
+)
+"""Where a point's label may go, in points from the point (tried in order); a negative x
+offset puts the label's right edge there."""
+
+
+def place_labels(
+    anchors: Sequence[tuple[float, float]],
+    texts: Sequence[str],
+    char_w: float = 5.5,
+    line_h: float = 11.0,
+) -> list[tuple[float, float]]:
+    """An offset from :data:`LABEL_OFFSETS` for each label so that no two labels' boxes
+    overlap, nor a label and a point, where an offset allows it (greedy, labels placed from
+    the lowest anchor up).
+
+    `anchors` are the points in display units (points, y up), `char_w` and `line_h` a
+    character's width and a line's height there. A label no offset frees goes where it
+    overlaps least."""
+
+    def box(i: int, off: tuple[float, float]) -> tuple[float, float, float, float]:
+        (x, y), w = anchors[i], char_w * len(texts[i])
+        left = x + off[0] if off[0] >= 0 else x + off[0] - w
+        return left, y + off[1], left + w, y + off[1] + line_h
+
+    def overlap(a: tuple, b: tuple) -> float:
+        dx = min(a[2], b[2]) - max(a[0], b[0])
+        dy = min(a[3], b[3]) - max(a[1], b[1])
+        return max(dx, 0.0) * max(dy, 0.0)
+
+    r = 5.0  # a marker's half-width: labels keep off the points too
+    placed: list[tuple] = [(x - r, y - r, x + r, y + r) for x, y in anchors]
+    out: list[tuple[float, float]] = [LABEL_OFFSETS[0]] * len(anchors)
+    for i in sorted(range(len(anchors)), key=lambda i: (anchors[i][1], anchors[i][0])):
+        costs = [sum(overlap(box(i, off), b) for b in placed) for off in LABEL_OFFSETS]
+        best = LABEL_OFFSETS[costs.index(min(costs))]  # the first of the least overlapping
+        out[i] = best
+        placed.append(box(i, best))
+    return out
+
+
+def _label_seeds(ax: Any, seeds: list) -> None:
+    """Each seeded trial's name beside its point; names of trials at the same point share one
+    label (``int8, int8-again``), and labels are spread so that they do not overprint."""
+    groups: dict[tuple[float, float], list[str]] = {}
+    for x, y, trial in seeds:
+        names = groups.setdefault((x, y), [])
+        if str(trial.get("seed")) not in names:
+            names.append(str(trial.get("seed")))
+    ax.autoscale_view()
+    to_points = 72.0 / ax.figure.dpi
+    where = list(groups)
+    anchors = [tuple(v * to_points for v in ax.transData.transform(xy)) for xy in where]
+    texts = [", ".join(names) for names in groups.values()]
+    for xy, text, off in zip(where, texts, place_labels(anchors, texts), strict=True):
+        ax.annotate(
+            text,
+            xy,
+            xytext=off,
+            textcoords="offset points",
+            fontsize="small",
+            ha="left" if off[0] >= 0 else "right",
+            parse_math=False,
+            arrowprops={"arrowstyle": "-", "color": _GREY, "linewidth": 0.6}
+            if abs(off[1]) > 10
+            else None,
+        )
 
 
 def importance_chart(
@@ -883,6 +954,18 @@ def _failed_html(trials: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+def _rounded(value: Any, digits: int = 6) -> Any:
+    """`value` with every float rounded to `digits` significant digits (0.15000000000000002
+    -> 0.15), lists and mappings through."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
 def front_variants_yaml(trials: Sequence[Mapping[str, Any]], analysis: SweepAnalysis) -> str:
     """The front's configurations as recipe `variants:` entries (YAML), one commented block
     each (repeats of a configuration are named in its comment, not listed again), named after
@@ -898,7 +981,7 @@ def front_variants_yaml(trials: Sequence[Mapping[str, Any]], analysis: SweepAnal
         comment = f"# trial {trial.get('number')} ({_kind(trial)}): {stages or '(baseline)'}"
         if also := _also(trial.get("number", 0), repeated):
             comment += f"  (repeated by {also})"
-        pipeline = jsonable(trial.get("pipeline") or [])
+        pipeline = _rounded(jsonable(trial.get("pipeline") or []))
         if not pipeline:
             blocks.append(f"{comment}\n#   no pipeline: nothing to paste\n")
             continue

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from compress import atomic, gate
 from compress.recipe import Recipe
+from compress.report.study import save_note
 from compress.report.sweep import METRIC_KEYS, SweepAnalysis, analyse, write_sweep_report
 from compress.storage import ARTIFACT_DIR, SWEEP_FILE, absolute_sqlite, mask_url, sign_pointer
 from compress.sweep.claims import REASON_ATTR, claim_lock, release_dead, requeue_interrupted
@@ -37,6 +38,7 @@ from compress.sweep.study import (
     feasible,
     open_storage,
     open_study,
+    recorded,
     storage_url,
     study_name,
 )
@@ -83,7 +85,7 @@ def collect_trials(study: optuna.Study, spec: SweepSpec) -> list[dict]:
             "seed": a.get("seed"),
             "params": dict(t.params),
             "stages": a.get("stages", ""),
-            "pipeline": a.get("pipeline") or [],
+            "pipeline": recorded(t, "pipeline") or [],
             "values": dict(zip(spec.objectives, t.values)) if t.values else None,
             "feasible": feasible(spec, a) if t.state == TrialState.COMPLETE else False,
             "error": error,
@@ -226,6 +228,7 @@ def run_sweep(
     opened = False
     try:
         ws = prepare(recipe, recipe_path.resolve().parent, progress=progress)
+        ws.progress.keep = False  # a trial's phases are shown while they run; its line stays
         echo(ws.baseline_info.headline())
         sampler_probe = optuna.samplers.RandomSampler()
         st, created = open_study(rdb, name, recipe, ws, sampler_probe)
@@ -331,8 +334,31 @@ def run_sweep(
         "failed_workers": failed_workers,
     }
     trials, paths, analysis = write_report(st, recipe, out_dir, url, meta)
+    outcome = SweepOutcome(
+        st, trials, url, paths, seconds, ran, interrupted, failed_workers, analysis
+    )
+    if opened:
+        save_note(st, sweep_note(outcome, spec))
     rdb.engine.dispose()
-    return SweepOutcome(st, trials, url, paths, seconds, ran, interrupted, failed_workers, analysis)
+    return outcome
+
+
+def sweep_note(outcome: SweepOutcome, spec: SweepSpec) -> str:
+    """The study's note on the dashboard (markdown): the sweep's summary as the terminal
+    printed it (counts, the Pareto front, the recommendations) and where the report is."""
+    return "\n".join(
+        [
+            "## Summary",
+            "",
+            "```text",
+            summary(outcome, spec),
+            "```",
+            "",
+            f"The sweep's report: `{outcome.paths['html']}` (every trial in "
+            f"`{outcome.paths['csv'].name}`); each trial's own report is attached to it as "
+            "`trial-N-report.html`.",
+        ]
+    )
 
 
 def _notes(

@@ -14,12 +14,13 @@ Trial 0 is the baseline, measured the same way, then the recipe's seeds are queu
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
-import os
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,13 @@ from compress import __version__, gate
 from compress.cache import cache_dir, read_entry, stable_hash, write_entry
 from compress.metrics import measurement_problem, ratios
 from compress.recipe import Recipe, VariantSpec
+from compress.report.study import readable, trial_report_html
 from compress.report.tables import jsonable
 from compress.storage import ARTIFACT_DIR
 from compress.sweep.claims import KEY_ATTR
 from compress.sweep.progress import Echo
 from compress.sweep.space import SweepSpec, defaults, is_active, resolve, scan_seed_assignments
-from compress.sweep.study import READY_ATTR, distribution
+from compress.sweep.study import READY_ATTR, distribution, recorded
 from compress.workbench import (
     Workspace,
     build_variant,
@@ -48,6 +50,7 @@ from compress.workbench import (
 
 log = logging.getLogger(__name__)
 
+ARTIFACT_ATTR_PREFIX = "artifacts:"  # where optuna keeps a trial's artifact metadata
 RESULT_FORMAT = 2  # the measured record's keys (compress.metrics); older results are not reused
 
 
@@ -126,7 +129,7 @@ def cached_result(earlier: list[FrozenTrial], key: str) -> tuple[dict | None, st
     (any machine), else from this machine's result cache."""
     for t in earlier:
         if t.state == TrialState.COMPLETE and t.user_attrs.get(KEY_ATTR) == key:
-            metrics = t.user_attrs.get("measured")
+            metrics = recorded(t, "measured")
             if measurement_problem(metrics) is None:
                 return dict(metrics), f"trial {t.number}"
     path = result_path(key)
@@ -181,7 +184,7 @@ def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
         shutil.rmtree(vdir, ignore_errors=True)
         with contextlib.suppress(OSError):  # another worker's checkpoint may still be there
             vdir.parent.rmdir()
-    with gate.exclusive() as waited:
+    with gate.exclusive() as waited, w.ws.progress.phase(f"trial-{number}: latency"):
         timings = paired_latency(w.ws, model, w.latency_threads)
     set_latency(res.measurement, timings)
     measured = {
@@ -249,7 +252,7 @@ def label(w: Worker, trial: optuna.Trial) -> Variant:
     pipeline = resolve(w.spec, values)
     key = config_key(w.ws, pipeline)
     trial.set_user_attr(KEY_ATTR, key)
-    trial.set_user_attr("pipeline", pipeline)
+    record(trial, "pipeline", pipeline)
     trial.set_user_attr("stages", describe(pipeline))
     return Variant(pipeline, key, start)
 
@@ -275,15 +278,16 @@ def run_trial(w: Worker, trial: optuna.Trial, variant: Variant) -> list[float]:
             measured, details = measure(w, trial.number, pipeline)
         metrics = with_ratios(measured, w.base)
         seconds = time.perf_counter() - start
-        attrs = {**metrics, "measured": measured, "cached_from": source, "seconds": seconds}
+        attrs = {**metrics, "cached_from": source, "seconds": seconds}
         try:
             result, invalid = objective_values(w.spec, metrics), None
         except FloatingPointError as exc:  # NaN: the trial fails, and nothing is cached
             result, invalid = [], exc
         if source is None and invalid is None:
             store_result(key, measured)
+        record(trial, "measured", measured)
         for k, v in attrs.items():
-            trial.set_user_attr(k, jsonable(v))
+            trial.set_user_attr(k, readable(v))
         if invalid is not None:
             raise invalid
     except (optuna.TrialPruned, UpdateFinishedTrialError):
@@ -302,41 +306,78 @@ def run_trial(w: Worker, trial: optuna.Trial, variant: Variant) -> list[float]:
     return result
 
 
-def attach(
+def record(trial: optuna.Trial, key: str, value: Any) -> None:
+    """Keep `value` on the trial as a system attribute: data the sweep reads back (the
+    measured record, the resolved pipeline), out of the dashboard's attribute list, which
+    shows the same numbers rounded (see :func:`compress.report.study.readable`)."""
+    trial.storage.set_trial_system_attr(trial._trial_id, key, jsonable(value))
+
+
+def report_files(
     w: Worker,
-    trial: optuna.Trial | optuna.Study,
+    number: int,
+    params: dict,
     pipeline: list[dict],
     metrics: dict,
     details: dict,
     source: str | None,
-    storage: Any = None,
-) -> None:
-    """The trial's own report, attached as an Optuna artifact the dashboard lists."""
-    from optuna.artifacts import upload_artifact
+) -> dict[str, str]:
+    """The trial's own report, written into the artifact store as ``trial-N-report.html``
+    (readable) and ``trial-N-record.json`` (every number unrounded, for scripts); returns the
+    system attributes that attach them to a trial (optuna's artifact metadata)."""
+    from dataclasses import asdict
 
-    number = getattr(trial, "number", 0)  # the study stands for trial 0, the baseline
+    from optuna.artifacts import ArtifactMeta
+
+    note = f"Reused the result of {source}." if source else ""
+    page = trial_report_html(
+        f"Trial {number}" + ("" if pipeline else ": the baseline"),
+        describe(pipeline),
+        {k: readable(v) for k, v in params.items()},
+        {k: readable(v) for k, v in metrics.items()},
+        details,
+        note,
+    )
     doc = {
         "trial": number,
-        "params": getattr(trial, "params", {}),
+        "params": params,
         "pipeline": pipeline,
         "metrics": metrics,
         "cached_from": source,
         "details": details,
     }
-    path = w.out_dir / ARTIFACT_DIR / f".trial-{number}-{os.getpid()}.json"
+    files = [
+        (f"trial-{number}-report.html", page.encode(), "text/html"),
+        (
+            f"trial-{number}-record.json",
+            json.dumps(jsonable(doc), indent=1, sort_keys=True).encode(),
+            "application/json",
+        ),
+    ]
+    attrs = {}
+    for filename, data, mimetype in files:
+        artifact_id = str(uuid.uuid4())
+        w.artifacts.write(artifact_id, io.BytesIO(data))
+        meta = ArtifactMeta(artifact_id, filename, mimetype, None)
+        attrs[ARTIFACT_ATTR_PREFIX + artifact_id] = json.dumps(asdict(meta))
+    return attrs
+
+
+def attach(
+    w: Worker,
+    trial: optuna.Trial,
+    pipeline: list[dict],
+    metrics: dict,
+    details: dict,
+    source: str | None,
+) -> None:
+    """The trial's own report, attached as Optuna artifacts the dashboard lists."""
     try:
-        path.write_text(json.dumps(jsonable(doc), indent=1, sort_keys=True))
-        upload_artifact(
-            artifact_store=w.artifacts,
-            file_path=str(path),
-            study_or_trial=trial,
-            storage=storage,
-            mimetype="application/json",
-        )
+        attrs = report_files(w, trial.number, trial.params, pipeline, metrics, details, source)
+        for key, value in attrs.items():
+            trial.storage.set_trial_system_attr(trial._trial_id, key, value)
     except Exception as exc:  # the numbers are in user attrs already
-        log.warning("trial %d: could not attach its report: %s", number, exc)
-    finally:
-        path.unlink(missing_ok=True)
+        log.warning("trial %d: could not attach its report: %s", trial.number, exc)
 
 
 def scan_seeds(w: Worker, echo: Echo) -> dict[str, dict[str, Any]]:
@@ -364,27 +405,29 @@ def initialize(study: optuna.Study, w: Worker, echo: Echo) -> None:
         metrics["latency_ratio"] = 1.0  # the reference of every paired ratio
         attrs = {
             **metrics,
-            "measured": measured,
             "seed": "baseline",
-            "pipeline": [],
             "stages": "",
             "config_key": config_key(w.ws, []),
             "worker": w.worker_id,
             "cached_from": None,
             "seconds": time.perf_counter() - start,
         }
+        try:  # a finished trial takes no upload: its report goes in as it is created
+            files = report_files(w, 0, base_values, [], metrics, details, None)
+        except Exception as exc:  # the numbers are in user attrs already
+            log.warning("trial 0: could not attach its report: %s", exc)
+            files = {}
         study.add_trial(
             optuna.trial.create_trial(
                 state=TrialState.COMPLETE,
                 values=objective_values(spec, metrics),
                 params=base_values,
                 distributions={k: distribution(spec.params[k]) for k in base_values},
-                user_attrs={k: jsonable(v) for k, v in attrs.items()},
+                user_attrs={k: readable(v) for k, v in attrs.items()},
+                system_attrs={"measured": jsonable(measured), "pipeline": [], **files},
             )
         )
         store_result(attrs["config_key"], measured)
-        # a finished trial takes no artifact, so the baseline's report is the study's
-        attach(w, study, [], metrics, details, None)
     for name, given in spec.seeds.items():
         study.enqueue_trial(defaults(spec, given), user_attrs={"seed": name}, skip_if_exists=True)
     if spec.scan_seeds:

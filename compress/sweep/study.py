@@ -248,10 +248,18 @@ def wait_ready(study: optuna.Study, echo: Echo, timeout: float = 600) -> None:
         study = optuna.load_study(study_name=study.study_name, storage=study._storage)
 
 
+def recorded(trial: FrozenTrial, key: str) -> Any:
+    """What the sweep recorded on a trial for itself (``measured``, ``pipeline``): a system
+    attribute, or a user attribute in a study written before they moved there."""
+    if key in trial.system_attrs:
+        return trial.system_attrs[key]
+    return trial.user_attrs.get(key)
+
+
 def baseline_metrics(study: optuna.Study) -> dict:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.number == 0:
-            return dict(t.user_attrs.get("measured") or {})
+            return dict(recorded(t, "measured") or {})
     raise SweepError(f"study {study.study_name!r} has no completed baseline trial 0")
 
 

@@ -576,3 +576,71 @@ def test_realistic_sweep_report(tmp_path: Path) -> None:
     page = paths["html"].read_text()
     assert page.count(PNG_DATA) == 3
     assert "mat1 and mat2 shapes cannot be multiplied" in page
+
+
+# ---------------------------------------------------------------- readable YAML and labels
+
+
+def test_paste_ready_yaml_has_rounded_values() -> None:
+    import yaml
+
+    from compress.report.sweep import analyse, front_variants_yaml
+
+    t = trial(1, 40.1, 0.5, 100.0, seed="p15", stages="prune(sparsity=0.15)")
+    t["pipeline"] = [{"prune": {"sparsity": 0.1 + 0.05, "method": "wanda"}}, {"int8": {}}]
+    assert t["pipeline"][0]["prune"]["sparsity"] == 0.15000000000000002  # what a step makes
+    trials = [trial(0, BASE_PPL, 1.0, 200.0, seed="baseline"), t]
+    text = front_variants_yaml(trials, analyse(trials, OBJECTIVES, []))
+    assert "0.15000000000000002" not in text
+    entries = yaml.safe_load(text)
+    pipeline = [{"prune": {"sparsity": 0.15, "method": "wanda"}}, {"int8": {}}]
+    assert entries == [{"name": "p15", "pipeline": pipeline}]
+
+
+def _boxes(anchors, texts, offsets, char_w=5.5, line_h=11.0):
+    out = []
+    for (x, y), text, (dx, dy) in zip(anchors, texts, offsets, strict=True):
+        w = char_w * len(text)
+        left = x + dx if dx >= 0 else x + dx - w
+        out.append((left, y + dy, left + w, y + dy + line_h))
+    return out
+
+
+def test_labels_of_nearby_points_do_not_overprint() -> None:
+    from compress.report.sweep import place_labels
+
+    anchors = [(100.0, 100.0), (102.0, 101.0), (104.0, 99.0), (300.0, 300.0)]
+    texts = ["dynamic-int8", "int8", "prune50-int8", "far"]
+    offsets = place_labels(anchors, texts)
+    boxes = _boxes(anchors, texts, offsets)
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            a, b = boxes[i], boxes[j]
+            apart = a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+            assert apart, (texts[i], texts[j], a, b)
+    assert offsets[3] == (6, 4)  # a lone point keeps the usual place
+    # what the old fixed offset did: every label at (6, 4), the first three overprinting
+    same = _boxes(anchors[:3], texts[:3], [(6, 4)] * 3)
+    assert not (same[0][2] <= same[1][0] or same[1][2] <= same[0][0])
+
+
+def test_seeds_at_the_same_point_share_one_label(monkeypatch) -> None:
+    from compress.report import sweep as sweep_mod
+
+    seen: list[str] = []
+    real = sweep_mod.place_labels
+
+    def spy(anchors, texts, *args, **kwargs):
+        seen.extend(texts)
+        return real(anchors, texts, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "place_labels", spy)
+    trials = [
+        trial(0, BASE_PPL, 1.0, 200.0, seed="baseline"),
+        trial(1, 40.2, 0.5, 100.0, seed="int8", stages="int8"),
+        trial(2, 40.2, 0.5, 100.0, seed="int8-again", stages="int8"),
+    ]
+    assert sweep_mod.front_plot(
+        trials, "latency_ratio", "perplexity", title="t", x_label="x", y_label="y"
+    )
+    assert sorted(seen) == ["baseline", "int8, int8-again"]

@@ -55,6 +55,14 @@ def _count_measure(monkeypatch: pytest.MonkeyPatch, fail=None) -> list[list[dict
     return calls
 
 
+def optuna_dashboard_note(study: optuna.Study) -> str:
+    """The study's note as optuna-dashboard stores it (system attributes, in chunks)."""
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    return get_note_from_system_attrs(attrs, None)["body"]
+
+
 def test_sweep_seeds_resumes_and_never_recomputes(
     sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -74,7 +82,7 @@ def test_sweep_seeds_resumes_and_never_recomputes(
         "int8",
         "prune50",
     )
-    assert t0.params == {"prune": False, "quantizer": "none"} and t0.user_attrs["pipeline"] == []
+    assert t0.params == {"prune": False, "quantizer": "none"} and t0.system_attrs["pipeline"] == []
     assert t0.user_attrs["latency_ratio"] == 1.0 and t0.user_attrs["perplexity_ratio"] == 1.0
     assert t1.params == {"prune": False, "quantizer": "int8"}
     assert t2.params == {"prune": True, "sparsity": 0.5, "quantizer": "none"}
@@ -83,17 +91,24 @@ def test_sweep_seeds_resumes_and_never_recomputes(
     assert t1.user_attrs["weight_bytes_ratio"] < 0.7
     assert abs(t2.user_attrs["sparsity"] - 0.5) < 0.01 and t2.user_attrs["perplexity_ratio"] > 1
     for t in done:
-        assert t.values == [
-            t.user_attrs["perplexity"],
-            t.user_attrs["latency_ratio"],
-            t.user_attrs["weight_bytes"],
-        ]
+        # the dashboard's attributes are rounded to 6 significant digits; values are not
+        shown = [t.user_attrs[k] for k in ("perplexity", "latency_ratio", "weight_bytes")]
+        assert t.values == pytest.approx(shown, rel=1e-5)
+        assert t.system_attrs["measured"]["perplexity"] == t.values[0]
+        assert all(float(f"{v:.6g}") == v for v in shown)
         assert t.user_attrs["latency_ratio"] > 0
-        # each trial's own report is attached for the dashboard
-        # (the baseline's, trial 0's, is the study's: a finished trial takes no artifact)
-        owner = t if t.number else study
-        metas = optuna.artifacts.get_all_artifact_meta(owner, storage=study._storage)
-        assert len(metas) == 1 and metas[0].mimetype == "application/json"
+        # each trial's own report is attached for the dashboard, the baseline's included
+        metas = optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)
+        assert sorted((m.filename, m.mimetype) for m in metas) == [
+            (f"trial-{t.number}-record.json", "application/json"),
+            (f"trial-{t.number}-report.html", "text/html"),
+        ]
+        html_meta = next(m for m in metas if m.filename.endswith(".html"))
+        text = (out / "artifacts" / html_meta.artifact_id).read_text()
+        assert f"Trial {t.number}" in text and "perplexity" in text
+        assert not any(p.name.startswith(".") for p in (out / "artifacts").iterdir())
+    note = optuna_dashboard_note(study)
+    assert "Pareto front" in note and "recommended" in note
 
     # every distinct configuration was measured exactly once; repeats were reused
     keys = [t.user_attrs["config_key"] for t in done]

@@ -52,7 +52,7 @@ def _check_study(study: optuna.Study, outputs: list[str], budget: int, workers: 
     assert set(numbers) == {t.number for t in trials if t.number != 0}, "a trial was lost"
     by_number = {t.number: t for t in trials}
     for n, worker in ran:
-        assert by_number[n].user_attrs["worker"] == worker
+        assert by_number[n].user_attrs["worker"].endswith(worker.removeprefix(".."))
     assert len({w for _, w in ran}) >= 2, "the work was not shared"
 
 
