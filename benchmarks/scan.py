@@ -95,7 +95,7 @@ def main() -> int:
     print(ws.baseline_info.headline(), flush=True)
     start = time.perf_counter()
     scan = scan_workspace(ws, echo=lambda line: print(line, flush=True))
-    scan_seconds = scan.seconds if not scan.cached else None
+    scan_seconds = scan.seconds
     print(f"scan took {time.perf_counter() - start:.1f} s here (cached: {scan.cached})")
 
     spec = recipe.eval.perplexity
@@ -212,7 +212,8 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
         f"Scan: {len(scan.layers)} block linear layers x {len(scan.settings)} settings "
         f"({', '.join(scan.settings)}), perplexity on {scan.tokens:,} tokens of the "
         f"{scan.split} split, baseline {scan.baseline_perplexity:.3f}; "
-        + (f"took {scan_seconds:.0f} s." if scan_seconds else "read from the cache.")
+        + f"took {scan_seconds:.0f} s"
+        + (" when measured (this run read it from the cache)." if scan.cached else ".")
         + f" Most sensitive at {mid}: "
         + ", ".join(f"`{n}` ({scan.delta(n, mid):+.2f})" for n in ranking[:4])
         + "; least: "
@@ -244,12 +245,12 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
             + (" within noise" if r["vs_uniform_lo"] <= 0 <= r["vs_uniform_hi"] else "")
         )
         lines.append(
-            f"| {r['method']} | {r['target']:g} | {r['allocation']} | {r['achieved']:.4f} | "
+            f"| {r['method']} | {r['target']:g} | {r['allocation']} | {r['achieved']:.6f} | "
             f"{r['layer_min']:.3f}-{r['layer_max']:.3f} | {r['perplexity']:.3f} | "
             f"{r['ratio']:.3f} | {ci} |"
         )
-    better = [r for r in results if r["allocation"] != "uniform" and r["vs_uniform_hi"] < 0]
-    worse = [r for r in results if r["allocation"] != "uniform" and r["vs_uniform_lo"] > 0]
+    better = [r for r in ok if r["allocation"] != "uniform" and r["vs_uniform_hi"] < 0]
+    worse = [r for r in ok if r["allocation"] != "uniform" and r["vs_uniform_lo"] > 0]
     lines += [
         "",
         f"Of {sum(r['allocation'] != 'uniform' for r in ok)} measured non-uniform variants, "
