@@ -18,7 +18,8 @@ def machine(env: dict) -> str:
 
 
 def commit() -> str:
-    """The repository's short commit, with ``+dirty`` when the work tree has changes."""
+    """The repository's short commit, with ``+dirty`` when the work tree has changes outside
+    ``benchmarks/results``."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
@@ -28,7 +29,16 @@ def commit() -> str:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # results files a run (or a parallel one) writes do not make the code dirty
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!benchmarks/results",
+            ],
             cwd=REPO,
             capture_output=True,
             text=True,

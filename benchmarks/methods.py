@@ -580,11 +580,15 @@ def write(data: dict, machine: str) -> None:
         for m, v in data["loads"].items()
         if v.get("load_avg_before") is not None and v.get("load_avg_after") is not None
     )
+    runs = "; ".join(
+        f"`{m}` {v.get('date', 'date not recorded')} at commit {v.get('commit', 'not recorded')}"
+        for m, v in data["loads"].items()
+    )
     lines = [
         "# Pruning and quantization methods on trained models",
         "",
-        f"Measured {meta['date']} at commit {meta['commit']} on {machine} by "
-        "`python benchmarks/methods.py`.",
+        f"Measured on {machine} by `python benchmarks/methods.py`, each model's rows in one "
+        f"run: {runs}.",
         f"Calibration: {meta['calibration']}. Perplexity: {meta['eval']}.",
         "",
         "Baselines (each trained until its validation loss stopped improving, then cached):",
@@ -710,7 +714,7 @@ def main() -> None:
             continue
         probe = LoadProbe.start()
         rows += bench(base, args.settings, args.samples)
-        loads[name] = probe.finish()
+        loads[name] = {**probe.finish(), "date": today(), "commit": repo_commit()}
     if args.train_only:
         return
     meta = {
