@@ -7,8 +7,10 @@ Two backends compute it; ``backend: auto`` (the default) takes the first that is
   (:mod:`compress.compressors.int8_torchao`): symmetric int8 weights with one scale per output
   row, activations quantized per token. With ``compile: true`` (the default) the whole model is
   compiled with ``torch.compile`` (:mod:`compress.compile`), which fuses the activation
-  quantization with its neighbours; eager, torchao is slower than the fallback below. Measured
-  side by side in ``benchmarks/cpu_paths.py``.
+  quantization with its neighbours; eager, torchao is slower than the fallback below. Whether
+  compiled torchao or the fallback is faster depends on the machine and how busy it is
+  (compiled kernels suffered most when the cores were oversubscribed): measure with
+  ``benchmarks/cpu_paths.py``, and pick ``backend: torch.ao`` where it wins.
 - ``torch.ao`` (the fallback where torchao is missing): each targeted ``nn.Linear`` becomes a
   ``DynamicInt8Linear``, torch's dynamically quantized Linear
   (``torch.ao.nn.quantized.dynamic.Linear``, fbgemm kernels under the ``x86``/``fbgemm``
