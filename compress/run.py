@@ -86,6 +86,22 @@ def _ppl_delta_cell(r: dict) -> str:
     return cell + (" within noise" if r.get("ppl_within_noise") else "")
 
 
+def _control_cell(r: dict) -> str:
+    """``+0.123 [-0.050, +0.301] (x0.998 vs ft-control)``: the perplexity minus the control's
+    on the same windows, for a variant that trains; ``control`` on a control's own row."""
+    if r.get("role") == "control":
+        return "control"
+    if r.get("ppl_delta_control") is None or r.get("ppl_delta_control_lo") is None:
+        return "-"
+    cell = (
+        f"{r['ppl_delta_control']:+.3f} [{r['ppl_delta_control_lo']:+.3f}, "
+        f"{r['ppl_delta_control_hi']:+.3f}]"
+    )
+    if r.get("ppl_control_within_noise"):
+        cell += " within noise"
+    return cell + f" (x{r['perplexity_control_ratio']:.4f} vs {r.get('control')})"
+
+
 def _latency_ratio_cell(r: dict) -> str:
     """``0.512 [0.498, 0.526]``, with ``NOISY`` when the interval stayed wider than asked."""
     if r.get("latency_ratio") is None:
@@ -110,6 +126,12 @@ def noise_notes(rows: list[dict], recipe: Recipe) -> list[str]:
                 f"{_fmt(r.get('load_avg_before'), '.1f')} -> "
                 f"{_fmt(r.get('load_avg_after'), '.1f')})"
             )
+        if r.get("ppl_control_within_noise"):
+            out.append(
+                f"noise: {r['variant']}: perplexity change against its control "
+                f"{r.get('control')} ({r['ppl_delta_control']:+.3f}) is within noise (95% CI "
+                f"{r['ppl_delta_control_lo']:+.3f} to {r['ppl_delta_control_hi']:+.3f} contains 0)"
+            )
         if r.get("ppl_within_noise"):
             out.append(
                 f"noise: {r['variant']}: perplexity change {r['ppl_delta']:+.3f} is within noise "
@@ -124,6 +146,7 @@ def summary_table(rows: list[dict]) -> str:
         "ppl",
         "ppl x",
         "ppl - baseline (95% CI)",
+        "ppl - control (95% CI)",
         "latency ms",
         "lat x (95% CI)",
         "weights",
@@ -146,6 +169,7 @@ def summary_table(rows: list[dict]) -> str:
                 _fmt(r.get("perplexity"), ".3f"),
                 _fmt(r.get("perplexity_ratio"), ".4f"),
                 _ppl_delta_cell(r),
+                _control_cell(r),
                 "-"
                 if r.get("latency_ms") is None
                 else f"{r['latency_ms']:.2f} ± {r['latency_iqr_ms']:.2f}",

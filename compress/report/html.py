@@ -113,6 +113,7 @@ _SUMMARY_HEADERS: tuple[str, ...] = (
     "status",
     "perplexity",
     "ppl ratio",
+    "vs control",
     "latency ms (median ± IQR)",
     "latency ratio",
     "weight MB",
@@ -133,6 +134,22 @@ def _interval(row: dict, key: str, fmt: str) -> str:
     return "" if lo is None or hi is None else f" [{lo:{fmt}}, {hi:{fmt}}]"
 
 
+def _vs_control(row: dict) -> str:
+    """The perplexity minus the compute-matched control's, with its interval, for a variant
+    that trains; "control" on a control's own row."""
+    if row.get("role") == "control":
+        return "control"
+    delta = as_float(row.get("ppl_delta_control"))
+    if delta is None:
+        return "—"
+    return (
+        f"{delta:+.2f}"
+        + _interval(row, "ppl_delta_control", "+.2f")
+        + (" (within noise)" if row.get("ppl_control_within_noise") is True else "")
+        + f" vs {row.get('control')}"
+    )
+
+
 def _summary_cells(row: dict) -> list[str]:
     median = as_float(row.get("latency_ms"))
     iqr = as_float(row.get("latency_iqr_ms"))
@@ -145,6 +162,7 @@ def _summary_cells(row: dict) -> list[str]:
         _num(row.get("perplexity"), ".2f") + _interval(row, "perplexity", ".2f"),
         _num(row.get("perplexity_ratio"), ".3f")
         + (" (within noise)" if row.get("ppl_within_noise") is True else ""),
+        _vs_control(row),
         latency,
         _num(row.get("latency_ratio"), ".3f")
         + _interval(row, "latency_ratio", ".3f")
@@ -200,7 +218,10 @@ def _summary_table(rows: Sequence[dict]) -> str:
         "variant. MB = 10<sup>6</sup> bytes. — means not measured. [lo, hi]: bootstrap 95% "
         "confidence interval. <b>within noise</b>: the interval of the perplexity's "
         "difference to the baseline (same windows) contains 0. <b>NOISY</b>: the latency "
-        "ratio's interval stayed wider than the recipe's target; do not rank by it.</p>"
+        "ratio's interval stayed wider than the recipe's target; do not rank by it. <b>vs "
+        "control</b>: perplexity minus that of the variant's compute-matched control (the "
+        "baseline put through the same training stages, its own row), same windows, with "
+        "its paired interval.</p>"
     )
 
 
