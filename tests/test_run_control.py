@@ -125,25 +125,19 @@ def test_second_run_reads_the_control_from_the_cache(control_runs):
     assert b["perplexity"] == a["perplexity"]
 
 
-def test_a_damaged_control_entry_is_trained_again(control_runs, tiny_workspace, caplog):
+def test_a_damaged_control_entry_is_trained_again(tiny_workspace, caplog):
     ws = tiny_workspace
-    recipe = recipe_from_dict(
-        {
-            **ws.recipe.model_dump(mode="json"),
-            "variants": [{"name": "d", "pipeline": [{"distill": DISTILL}]}],
-        },
-        "x.yaml",
-        "x",
-    )
-    stages, key = workbench.control_for(ws, variant_stages(recipe.variants[0]))
+    stages, key = workbench.control_for(ws, _stages([{"distill": {**DISTILL, "max_steps": 3}}]))
+    first = workbench.build_control(ws, stages, key)
     weights = entry_path(key) / "model.safetensors"
-    assert weights.is_file()  # cached by the runs above (same settings, same baseline)
+    assert weights.is_file()
+    assert workbench.build_control(ws, stages, key).cached is True
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    ctl = workbench.build_control(ws, stages, key)
-    assert ctl.cached is False
-    assert "cached control" in caplog.text
+    again = workbench.build_control(ws, stages, key)
+    assert again.cached is False and first.cached is False
+    assert "cached control" in caplog.text and "does not match its checksum" in caplog.text
     assert workbench.build_control(ws, stages, key).cached is True
 
 

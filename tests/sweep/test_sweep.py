@@ -89,6 +89,8 @@ def test_sweep_seeds_resumes_and_never_recomputes(
             t.user_attrs["weight_bytes"],
         ]
         assert t.user_attrs["latency_ratio"] > 0
+        # the noise flag is on every trial's record, for its terminal line and the reports
+        assert isinstance(t.user_attrs["latency_noisy"], bool)
         # each trial's own report is attached for the dashboard
         # (the baseline's, trial 0's, is the study's: a finished trial takes no artifact)
         owner = t if t.number else study
