@@ -121,15 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_tidy(RESULTS / "controls.csv", tidy)
     base = meta["baseline"]["train"] or {}
+    recipe_name = os.path.relpath(args.recipe.resolve(), REPO)
     header = [
         "# Recovery against compute-matched controls",
         "",
-        f"Recipe `{args.recipe.relative_to(REPO) if args.recipe.is_absolute() else args.recipe}` "
+        f"Recipe `{recipe_name}` "
         f"(config {config}), commit {commit()}, {today()}, {env}. Baseline: "
         f"{meta['baseline']['description']}, {base.get('steps')} of "
         f"{base.get('planned_steps')} steps. Command: `{command}`"
         + (
-            f" on the report of `python -m compress.run {args.recipe} --report-dir {report}`."
+            f" on the report of `python -m compress.run {recipe_name} --report-dir {report}`."
             if args.report is not None
             else "."
         ),
