@@ -178,7 +178,11 @@ def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
             model, reports = w.ws.baseline, []
         res = measure_static(w.ws, f"trial-{number}", model, reports, vdir)
         if w.spec.reference == "control" and res.perplexity is not None:
-            stages = variant_stages(VariantSpec(name=f"trial-{number}", pipeline=pipeline))
+            stages = (
+                variant_stages(VariantSpec(name=f"trial-{number}", pipeline=pipeline))
+                if pipeline
+                else []  # the baseline: its own control
+            )
             control = control_perplexity(w.ws, stages, w.progress)
             set_control(res.measurement, res.perplexity, control, w.recipe.seed)
     if not w.keep_checkpoints:
