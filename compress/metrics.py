@@ -79,6 +79,46 @@ CATALOG: tuple[Metric, ...] = (
         "true when ppl_delta's confidence interval contains 0: the data cannot tell the "
         "variant's perplexity from the baseline's.",
     ),
+    Metric(
+        "control_perplexity",
+        "control perplexity",
+        "perplexity of the variant's compute-matched control: the uncompressed baseline put "
+        "through the variant's training stages (distill, finetune) in order, with the same "
+        "settings (distillation from the baseline teacher, the baseline as its own student). "
+        "Empty for a variant that does not train.",
+        better="lower",
+    ),
+    Metric(
+        "perplexity_control_ratio",
+        "perplexity x control",
+        "perplexity divided by control_perplexity: below 1, the variant's training did more "
+        "than the same training of the uncompressed baseline. In a sweep, a trial without "
+        "training stages has the baseline as its control.",
+        "x",
+        "lower",
+        objective=True,
+    ),
+    Metric(
+        "ppl_delta_control",
+        "perplexity - control",
+        "the variant's perplexity minus its control's, both on the same windows.",
+        better="lower",
+    ),
+    Metric(
+        "ppl_delta_control_lo",
+        "ppl delta vs control CI low",
+        "lower end of the 95% confidence interval of ppl_delta_control: "
+        + _CI.format(unit="the windows, the same ones for the variant and the control (paired)"),
+    ),
+    Metric(
+        "ppl_delta_control_hi", "ppl delta vs control CI high", "upper end of the same interval."
+    ),
+    Metric(
+        "ppl_control_within_noise",
+        "ppl vs control within noise",
+        "true when ppl_delta_control's confidence interval contains 0: the data cannot tell the "
+        "variant's perplexity from its control's.",
+    ),
     Metric("nll", "NLL", "mean negative log-likelihood per scored token, in nats.", better="lower"),
     Metric("eval_tokens", "scored tokens", "number of tokens the perplexity scored.", "tokens"),
     Metric("latency_ms", "latency (ms)", _LATENCY, "ms", "lower", objective=True),
@@ -370,6 +410,12 @@ class Measurement:
     ppl_delta_lo: float | None = None
     ppl_delta_hi: float | None = None
     ppl_within_noise: bool | None = None
+    control_perplexity: float | None = None
+    perplexity_control_ratio: float | None = None
+    ppl_delta_control: float | None = None
+    ppl_delta_control_lo: float | None = None
+    ppl_delta_control_hi: float | None = None
+    ppl_control_within_noise: bool | None = None
     nll: float | None = None
     eval_tokens: int | None = None
     latency_ms: float | None = None

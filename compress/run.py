@@ -115,6 +115,21 @@ def _latency_ms_cell(r: dict) -> str:
     return _num(r["latency_ms"]) + ("" if iqr is None else f"±{_num(iqr)}")
 
 
+def _control_cell(r: dict) -> str:
+    """``+0.60 [-0.20,+1.40]~``: a training variant's perplexity minus its compute-matched
+    control's on the same windows, the 95% interval, ``~`` when it contains 0; ``control`` on a
+    control's own row (which control a variant has: results.csv, column ``control``)."""
+    if r.get("role") == "control":
+        return "control"
+    if r.get("ppl_delta_control") is None or r.get("ppl_delta_control_lo") is None:
+        return "-"
+    cell = (
+        f"{_signed(r['ppl_delta_control'])} [{_signed(r['ppl_delta_control_lo'])},"
+        f"{_signed(r['ppl_delta_control_hi'])}]"
+    )
+    return cell + ("~" if r.get("ppl_control_within_noise") else "")
+
+
 def _latency_ratio_cell(r: dict) -> str:
     """``0.512``, with ``*`` when its interval stayed wider than asked (the interval itself is
     in results.csv and the report)."""
@@ -149,6 +164,13 @@ COLUMNS: tuple[Column, ...] = (
         _ppl_delta_cell,
         80,
         "base = baseline; [a,b] = 95% confidence interval; ~ = within noise (it contains 0)",
+        right=False,
+    ),
+    Column(
+        "ppl - ctrl [95% CI]",
+        _control_cell,
+        75,
+        "ctrl = the baseline trained like the variant (compute-matched control)",
         right=False,
     ),
     Column("lat ms", _latency_ms_cell, 40, "lat ms = median forward pass ± interquartile range"),
@@ -187,7 +209,8 @@ def _columns(rows: list[dict], width: int) -> tuple[list[Column], list[list[str]
     cols = [
         c
         for c in COLUMNS
-        if c.head != "GPU MB" or any(r.get("gpu_peak_bytes") is not None for r in rows)
+        if (c.head != "GPU MB" or any(r.get("gpu_peak_bytes") is not None for r in rows))
+        and (c.cell is not _control_cell or any(r.get("role") == "control" for r in rows))
     ]
     while True:
         cells = [[c.cell(r) for c in cols] for r in rows]
@@ -262,6 +285,12 @@ def noise_notes(rows: list[dict], recipe: Recipe) -> list[str]:
                 f"±{target:.0%} after {r.get('latency_rounds')} rounds; load average "
                 f"{_fmt(r.get('load_avg_before'), '.1f')} -> "
                 f"{_fmt(r.get('load_avg_after'), '.1f')})"
+            )
+        if r.get("ppl_control_within_noise"):
+            out.append(
+                f"noise: {r['variant']}: perplexity change against its control "
+                f"{r.get('control')} ({r['ppl_delta_control']:+.3f}) is within noise (95% CI "
+                f"{r['ppl_delta_control_lo']:+.3f} to {r['ppl_delta_control_hi']:+.3f} contains 0)"
             )
         if r.get("ppl_within_noise"):
             out.append(

@@ -8,6 +8,9 @@
     paired_latency   -> the variant and the baseline timed in alternating rounds, so drift on a
                         noisy machine hits both alike; the ratio is the paired one, with its
                         bootstrap confidence interval (rounds go on until it is narrow enough)
+    build_control    -> for a variant that trains: the baseline through the same training
+                        stages (cached once per budget; see compress.control), measured as a
+                        row of its own and compared with the variant window by window
     run_variants     -> every variant built, measured and freed in turn (only the baseline and
                         the variants a later one starts from or learns from stay in memory;
                         freed memory goes back to the OS after each build and each variant)
@@ -18,6 +21,7 @@ A variant that fails is recorded with its error; the others go on.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import platform
@@ -33,7 +37,15 @@ import torch
 import torch.nn as nn
 
 from compress.cache import stable_hash
-from compress.compressors import StageContext, StageReport, run_stage
+from compress.compressors import REGISTRY, StageContext, StageReport, run_stage
+from compress.control import (
+    Control,
+    control_key,
+    control_stages,
+    read_control,
+    tokens_fingerprint,
+    write_control,
+)
 from compress.data import (
     Corpus,
     Tokenizer,
@@ -71,7 +83,7 @@ from compress.models.baseline import BaselineInfo, get_baseline, load_hf_baselin
 from compress.models.gpt import PRESETS, GPTConfig
 from compress.preflight import check_tokens
 from compress.progress import Progress
-from compress.recipe import Recipe, VariantSpec, parse_stage, stage_seq_lens, variant_stages
+from compress.recipe import Recipe, Stage, VariantSpec, parse_stage, stage_seq_lens, variant_stages
 from compress.report.describe import describe_pipeline
 from compress.runtime import building_allocator, release_memory
 from compress.settings import DataSpec
@@ -156,6 +168,11 @@ class VariantResult:
     traceback: str | None = None
     continuations: list[str] | None = None  # greedy continuations of the generation prompts
     layers: list[dict] | None = None  # per linear layer: sparsity, bits per weight (as stored)
+    # "baseline", "variant" or "control" (the compute-matched control of variants that train)
+    role: str = "variant"
+    control: str | None = None  # a variant that trains: the name of its control's row
+    # a control's paired timings of the baseline, pooled into the baseline's own row
+    baseline_latency_samples: list[float] = field(default_factory=list, repr=False)
 
     @property
     def status(self) -> str:
@@ -170,6 +187,8 @@ class VariantResult:
             "status": self.status,
             "error": self.error,
             "stages": self.description,
+            "role": self.role,
+            "control": self.control,
             **self.measurement.to_dict(),
         }
 
@@ -322,6 +341,17 @@ def build_variant(
     if variant.start not in models:
         raise CompressError(f"starts from {variant.start!r}, which failed")
     model = copy.deepcopy(models[variant.start]).eval()
+    return _run_stages(ws, variant.name, model, variant_stages(variant), models, progress)
+
+
+def _run_stages(
+    ws: Workspace,
+    name: str,
+    model: nn.Module,
+    stages: list[Stage],
+    models: dict[str, nn.Module],
+    progress: bool,
+) -> tuple[nn.Module, list[StageReport]]:
     ctx = StageContext(
         seed=ws.recipe.seed,
         tokens=ws.tokens,
@@ -334,13 +364,13 @@ def build_variant(
         sensitivity=_sensitivity(ws),
     )
     reports = []
-    for stage in variant_stages(variant):
+    for stage in stages:
         torch.manual_seed(ws.recipe.seed)
         model, report = run_stage(stage.name, model, stage.config, ctx)
         reports.append(report)
         log.info(
             "%s: %s touched %d modules, skipped %d",
-            variant.name,
+            name,
             stage.name,
             len(report.touched),
             len(report.skipped),
@@ -421,6 +451,74 @@ def measure_static(
         continuations=continuations,
         layers=layer_stats(model),
     )
+
+
+def variant_chain(recipe: Recipe, name: str) -> list[Stage]:
+    """Every stage of the variant ``name`` from the baseline on: those of the variants it
+    starts from (``from``), then its own."""
+    specs = {v.name: v for v in recipe.variants}
+    chain: list[Stage] = []
+    while name in specs:
+        chain = variant_stages(specs[name]) + chain
+        name = specs[name].start
+    return chain
+
+
+def control_for(ws: Workspace, stages: list[Stage]) -> tuple[list[Stage], str] | None:
+    """The control stages for a variant whose stages (from the baseline on) are ``stages`` and
+    the control's cache key; None when the variant does not train."""
+    ctl = control_stages(stages)
+    if not ctl:
+        return None
+    resolved = []
+    for stage in ctl:
+        extra: dict = {}
+        if stage.name == "finetune":  # what the stage leaves to the run
+            extra["train"] = dataclasses.asdict(stage.config.train_config(train_config(ws.recipe)))
+            if stage.config.data is not None:
+                extra["data_tokens"] = tokens_fingerprint(ws.load_tokens(stage.config.data))
+        resolved.append(extra)
+    return ctl, control_key(ws.baseline_info.identity, ws.recipe.seed, ctl, resolved)
+
+
+def build_control(ws: Workspace, stages: list[Stage], key: str, progress: bool = False) -> Control:
+    """The control ``key``: read from the cache, or the baseline trained through ``stages``
+    (see :func:`control_for`) and cached."""
+    cached = read_control(key)
+    if cached is not None:
+        log.info("control %s loaded from %s", key, cached.path)
+        cached.model = cached.model.to(ws.device).eval()
+        return cached
+    model = copy.deepcopy(ws.baseline).eval()
+    model, reports = _run_stages(ws, "control", model, stages, {BASELINE: ws.baseline}, progress)
+    path = write_control(key, model, reports)
+    log.info("control %s trained and cached at %s", key, path)
+    return Control(key, model.eval(), reports, False, path)
+
+
+def control_perplexity(
+    ws: Workspace, stages: list[Stage], progress: bool = False
+) -> PerplexityResult:
+    """The perplexity of the control for a variant whose stages (from the baseline on) are
+    ``stages``; the baseline's own when it does not train (a sweep compares every trial)."""
+    found = control_for(ws, stages)
+    if found is None:
+        return baseline_perplexity(ws)
+    ctl = build_control(ws, *found, progress)
+    return _perplexity(ws, ctl.model)
+
+
+def set_control(
+    m: Measurement, ppl: PerplexityResult, control: PerplexityResult, seed: int
+) -> None:
+    """The variant's perplexity against its control's on the same windows: the control's value,
+    the ratio, the difference and its paired 95% interval."""
+    m.control_perplexity = control.perplexity
+    m.perplexity_control_ratio = ppl.perplexity / control.perplexity
+    delta = perplexity_difference(ppl.window_nll, control.window_nll, ppl.window_tokens, seed)
+    m.ppl_delta_control, m.ppl_delta_control_lo = delta.estimate, delta.lo
+    m.ppl_delta_control_hi = delta.hi
+    m.ppl_control_within_noise = delta.contains(0.0)
 
 
 def _top1(ws: Workspace, model: nn.Module) -> Top1:
@@ -565,6 +663,9 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
     baseline_samples: list[float] = []
     specs: list[tuple[str, VariantSpec | None]] = [(BASELINE, None)]
     specs += [(v.name, v) for v in recipe.variants]
+    # control key -> (its row's name, its perplexity; None when it failed)
+    controls: dict[str, tuple[str, PerplexityResult | None]] = {}
+    taken = {n for n, _ in specs}
     for i, (name, spec) in enumerate(specs):
         log.info("variant %s: building and measuring", name)
         model = None
@@ -601,12 +702,58 @@ def run_variants(ws: Workspace, out_dir: Path, progress: bool = False) -> list[V
         for done in [n for n in models if n != BASELINE and keep_until.get(n, -1) <= i]:
             del models[done]
         release_memory()
+        found = control_for(ws, variant_chain(recipe, name)) if spec is not None else None
+        if found is not None and res.status == "ok":
+            stages, key = found
+            if key not in controls:  # one control per budget, measured once per run
+                cname = f"{name}-control"
+                while cname in taken:
+                    cname += "_"
+                taken.add(cname)
+                cres = measure_control(ws, cname, stages, key, out_dir, threads, progress)
+                if cres.latency is not None:
+                    baseline_samples += cres.baseline_latency_samples
+                controls[key] = (cname, cres.perplexity)
+                results.append(cres)
+                release_memory()
+            res.control, control_ppl = controls[key]
+            if control_ppl is not None and res.perplexity is not None:
+                set_control(res.measurement, res.perplexity, control_ppl, recipe.seed)
     base = results[0]
+    base.role = BASELINE
     if base.status == "ok" and baseline_samples and base.latency is None:
         lat = recipe.eval.latency  # the baseline's timings from every pair, pooled
         base.latency = summarize(baseline_samples, lat.batch_size, lat.seq_len, threads, lat.warmup)
         set_latency(base.measurement, PairedLatency.alone(base.latency, lat.ci_target))
     return results
+
+
+def measure_control(
+    ws: Workspace,
+    name: str,
+    stages: list[Stage],
+    key: str,
+    out_dir: Path,
+    threads: int,
+    progress: bool = False,
+) -> VariantResult:
+    """Build (or read from the cache) and measure the control ``key`` as the row ``name``, the
+    way a variant is measured; a failure is recorded in its row and loses nothing else."""
+    log.info("control %s: building and measuring", name)
+    try:
+        with building_allocator():
+            ctl = build_control(ws, stages, key, progress)
+        res = measure_static(ws, name, ctl.model, ctl.reports, out_dir / "variants" / name)
+        timings = paired_latency(ws, ctl.model, threads)
+        res.latency = timings.variant
+        res.baseline_latency_samples = list(timings.baseline.samples_ms)
+        set_latency(res.measurement, timings)
+        res.description = "control: " + res.description
+        del ctl
+    except Exception as exc:
+        res = failed(name, exc)
+    res.role = "control"
+    return res
 
 
 def set_latency(m: Measurement, timings: PairedLatency) -> None:

@@ -44,9 +44,11 @@ def test_cached_baseline_and_finetune_curves_reach_json_and_tensorboard(training
     assert meta["baseline"]["cached"] is True  # its curve came from the cache entry
     baseline_steps = meta["baseline"]["train"]["steps"]  # a time cap may have ended it early
     training = meta["training"]
-    assert set(training) == {"baseline", "ft/finetune"}
+    # the fine-tuned variant's compute-matched control trains the baseline the same way
+    assert set(training) == {"baseline", "ft/finetune", "ft-control/finetune"}
     assert [r["step"] for r in training["baseline"]] == list(range(1, baseline_steps + 1))
     assert [r["step"] for r in training["ft/finetune"]] == list(range(1, FT_STEPS + 1))
+    assert [r["step"] for r in training["ft-control/finetune"]] == list(range(1, FT_STEPS + 1))
     for phase, records in training.items():
         acc = EventAccumulator(str(out / "tb" / phase)).Reload()
         assert len(acc.Scalars("loss/train")) == len(records), phase

@@ -64,6 +64,17 @@ class BaselineInfo:
         """True when training stopped before its planned steps (the time cap, an interruption)."""
         return bool(self.train and self.train.get("partial"))
 
+    @property
+    def identity(self) -> str:
+        """The key, plus the steps done when the baseline is partial: the key names the weights
+        of ``max_steps`` steps, so a partial entry and the same entry resumed to completion
+        share it although their weights differ. What compares against a baseline (a sweep's
+        study and result cache, a control) records this instead."""
+        if not self.partial:
+            return self.key
+        tr = self.train or {}
+        return f"{self.key}@partial-{tr.get('steps', 0)}-of-{tr.get('planned_steps', '?')}"
+
     def steps_text(self) -> str:
         """``partial: 115 of 700 steps`` (or ``700 of 700 steps``)."""
         tr = self.train or {}

@@ -135,6 +135,7 @@ _SUMMARY_HEADERS: tuple[str, ...] = (
     "status",
     "perplexity",
     "ppl ratio",
+    "vs control",
     "latency ms (median ± IQR)",
     "latency ratio",
     "weight MB",
@@ -160,6 +161,22 @@ def _ms(x: float) -> str:
     return f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}" if abs(x) < 100 else f"{x:,.0f}"
 
 
+def _vs_control(row: dict) -> str:
+    """The perplexity minus the compute-matched control's, with its interval, for a variant
+    that trains; "control" on a control's own row."""
+    if row.get("role") == "control":
+        return "control"
+    delta = as_float(row.get("ppl_delta_control"))
+    if delta is None:
+        return "—"
+    return (
+        f"{delta:+.2f}"
+        + _interval(row, "ppl_delta_control", "+.2f")
+        + (" (within noise)" if row.get("ppl_control_within_noise") is True else "")
+        + f" vs {row.get('control')}"
+    )
+
+
 def _summary_cells(row: dict) -> list[str]:
     median = as_float(row.get("latency_ms"))
     iqr = as_float(row.get("latency_iqr_ms"))
@@ -172,6 +189,7 @@ def _summary_cells(row: dict) -> list[str]:
         _num(row.get("perplexity"), ".2f") + _interval(row, "perplexity", ".2f"),
         _num(row.get("perplexity_ratio"), ".3f")
         + (" (within noise)" if row.get("ppl_within_noise") is True else ""),
+        _vs_control(row),
         latency,
         _num(row.get("latency_ratio"), ".3f")
         + _interval(row, "latency_ratio", ".3f")
@@ -251,7 +269,10 @@ def _summary_table(rows: Sequence[dict], model_links: Mapping[str, str] | None =
         "measured. [lo, hi]: bootstrap 95% "
         "confidence interval. <b>within noise</b>: the interval of the perplexity's "
         "difference to the baseline (same windows) contains 0. <b>NOISY</b>: the latency "
-        "ratio's interval stayed wider than the recipe's target; do not rank by it.</p>"
+        "ratio's interval stayed wider than the recipe's target; do not rank by it. <b>vs "
+        "control</b>: perplexity minus that of the variant's compute-matched control (the "
+        "baseline put through the same training stages, its own row), same windows, with "
+        "its paired interval.</p>"
     )
 
 

@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from compress import __version__, gate
 from compress.cache import cache_dir, read_entry, stable_hash, write_entry
 from compress.metrics import measurement_problem, ratios
-from compress.recipe import Recipe, VariantSpec
+from compress.recipe import Recipe, VariantSpec, variant_stages
 from compress.report.study import readable, trial_report_html
 from compress.report.tables import jsonable
 from compress.storage import ARTIFACT_DIR
@@ -43,15 +43,17 @@ from compress.sweep.study import READY_ATTR, distribution, recorded
 from compress.workbench import (
     Workspace,
     build_variant,
+    control_perplexity,
     measure_static,
     paired_latency,
+    set_control,
     set_latency,
 )
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_ATTR_PREFIX = "artifacts:"  # where optuna keeps a trial's artifact metadata
-RESULT_FORMAT = 2  # the measured record's keys (compress.metrics); older results are not reused
+RESULT_FORMAT = 3  # the measured record's keys (compress.metrics); older results are not reused
 
 
 def suggest(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
@@ -101,12 +103,14 @@ def config_key(ws: Workspace, pipeline: list[dict]) -> str:
     recipe = ws.recipe
     return stable_hash(
         {
-            "baseline": ws.baseline_info.key,
+            "baseline": ws.baseline_info.identity,  # partial and finished baselines differ
             "eval": recipe.eval.model_dump(mode="json"),
             "seed": recipe.seed,
             "pipeline": pipeline,
             # what an `allocation: scan` stage reads; absent (the defaults) keeps older keys
             **({"scan": recipe.scan.model_dump(mode="json")} if recipe.scan is not None else {}),
+            # with reference: control, a record also holds the control's numbers
+            "reference": recipe.sweep.reference if recipe.sweep is not None else "baseline",
             "compress": __version__,
             "format": RESULT_FORMAT,
         },
@@ -178,6 +182,14 @@ def measure(w: Worker, number: int, pipeline: list[dict]) -> tuple[dict, dict]:
         else:
             model, reports = w.ws.baseline, []
         res = measure_static(w.ws, f"trial-{number}", model, reports, vdir)
+        if w.spec.reference == "control" and res.perplexity is not None:
+            stages = (
+                variant_stages(VariantSpec(name=f"trial-{number}", pipeline=pipeline))
+                if pipeline
+                else []  # the baseline: its own control
+            )
+            control = control_perplexity(w.ws, stages, w.progress)
+            set_control(res.measurement, res.perplexity, control, w.recipe.seed)
     if not w.keep_checkpoints:
         import shutil
 

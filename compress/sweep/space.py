@@ -16,6 +16,12 @@
       seeds:                           # fixed first trials, after the baseline (trial 0)
         int8: {quantizer: int8}
       scan_seeds: true                 # also seed from the sensitivity scan (see below)
+      reference: baseline              # or control: perplexity_ratio against the control
+
+``reference: control`` compares each trial's perplexity with its compute-matched control
+(:mod:`compress.control`: the baseline put through the trial's training stages; for a trial
+that does not train, the baseline itself) instead of the baseline: every ``perplexity_ratio``
+the sweep minimises, constrains or recommends by becomes ``perplexity_control_ratio``.
 
 A ``$name`` string anywhere in a stage's settings is replaced by the trial's value of that
 parameter. A stage or parameter with ``when: {param: value}`` (or a list of values) is active
@@ -48,6 +54,8 @@ from compress.metrics import objectives
 Scalar = str | int | float | bool | None
 
 METRICS: dict[str, str] = objectives()
+RATIO, CONTROL_RATIO = "perplexity_ratio", "perplexity_control_ratio"
+TRAINING_STAGES = ("distill", "finetune")  # compress.control's; not imported: no torch here
 """Metrics a sweep can minimise or constrain (row key -> label shown in the dashboard)."""
 
 NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -194,6 +202,52 @@ class SweepSpec(_Strict):
     pipeline: list[dict[str, Any]] = Field(min_length=1)
     seeds: dict[str, dict[str, Scalar]] = Field(default_factory=dict)
     scan_seeds: bool = False  # queue trials built from the sensitivity scan after the seeds
+    reference: Literal["baseline", "control"] = "baseline"
+
+    @model_validator(mode="after")
+    def _against_control(self) -> SweepSpec:
+        """With ``reference: control``, perplexity_ratio means perplexity_control_ratio."""
+        if self.reference != "control":
+            return self
+        if not any(
+            isinstance(item, dict) and set(item) & set(TRAINING_STAGES) for item in self.pipeline
+        ):
+            raise ValueError(
+                "reference: control needs a stage that trains (distill or finetune) in the "
+                "pipeline; without one every trial's control is the baseline"
+            )
+        named = [*self.objectives, *(c.metric for c in self.constraints)]
+        for r in self.recommend or []:
+            named += [*r.where, r.minimize]
+        if RATIO not in named and (self.constraints or self.recommend is not None):
+            raise ValueError(
+                f"reference: control applies to {RATIO} (objectives, constraints, recommend), "
+                "and none names it"
+            )
+
+        def swap(metric: str) -> str:
+            return CONTROL_RATIO if metric == RATIO else metric
+
+        update: dict[str, Any] = {
+            "objectives": [swap(m) for m in self.objectives],
+            "constraints": [
+                ConstraintSpec(metric=swap(c.metric), max=c.max) for c in self.constraints
+            ],
+        }
+        if self.recommend is not None:
+            update["recommend"] = [
+                RecommendSpec(
+                    name=r.name,
+                    where={swap(k): v for k, v in r.where.items()},
+                    minimize=swap(r.minimize),
+                )
+                for r in self.recommend
+            ]
+        if len(set(update["objectives"])) != len(update["objectives"]):
+            raise ValueError(
+                f"objectives name {RATIO} and {CONTROL_RATIO}: the same with reference: control"
+            )
+        return self.model_copy(update=update)
 
     @field_validator("objectives")
     @classmethod
@@ -496,12 +550,14 @@ def default_recommendations(spec: SweepSpec) -> list[RecommendSpec]:
             )
         return out
     others = [m for m in spec.objectives if not m.startswith("perplexity")] or ["latency_ratio"]
+    ratio = CONTROL_RATIO if spec.reference == "control" else RATIO
     for cap in (1.01, 1.05):
         for metric in others:
             out.append(
                 RecommendSpec(
-                    name=f"lowest {metric} within {round((cap - 1) * 100)}% of baseline perplexity",
-                    where={"perplexity_ratio": cap},
+                    name=f"lowest {metric} within {round((cap - 1) * 100)}% of "
+                    f"{spec.reference} perplexity",
+                    where={ratio: cap},
                     minimize=metric,
                 )
             )

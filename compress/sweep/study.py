@@ -184,7 +184,7 @@ def space_hash(spec: SweepSpec) -> str:
 def _compress_attrs(recipe: Recipe, ws: Workspace, spec: SweepSpec) -> dict:
     return {
         "recipe": recipe.name,
-        "baseline_key": ws.baseline_info.key,
+        "baseline_key": ws.baseline_info.identity,  # a partial baseline is another baseline
         "space_hash": space_hash(spec),
         "objectives": spec.objectives,
         "eval": recipe.eval.model_dump(mode="json"),

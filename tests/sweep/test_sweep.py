@@ -97,6 +97,8 @@ def test_sweep_seeds_resumes_and_never_recomputes(
         assert t.system_attrs["measured"]["perplexity"] == t.values[0]
         assert all(float(f"{v:.6g}") == v for v in shown)
         assert t.user_attrs["latency_ratio"] > 0
+        # the noise flag is on every trial's record, for its terminal line and the reports
+        assert isinstance(t.user_attrs["latency_noisy"], bool)
         # each trial's own report is attached for the dashboard, the baseline's included
         metas = optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)
         assert sorted((m.filename, m.mimetype) for m in metas) == [
