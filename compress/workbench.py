@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from compress.cache import stable_hash
-from compress.compressors import REGISTRY, StageContext, StageReport, run_stage
+from compress.compressors import StageContext, StageReport, run_stage
 from compress.control import (
     Control,
     control_key,
