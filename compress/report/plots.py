@@ -81,12 +81,13 @@ def _legend_below(fig: Figure) -> None:
         fig.legend(handles, labels, fontsize="small", **place)
 
 
-def legend_png(fig: Figure) -> bytes:
-    """The figure as PNG bytes, its legend below the axes (outside them, so it never hides a
-    bar or a point whatever the data)."""
+def legend_svg(fig: Figure) -> bytes:
+    """The figure as SVG bytes (text as text, sharp at any size), its legend below the axes
+    (outside them, so it never hides a bar or a point whatever the data)."""
     fig.legend(loc="outside lower center", ncols=4, fontsize="small", frameon=False)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    with mpl.rc_context(_svg_rc()):
+        fig.savefig(buf, format="svg")
     return buf.getvalue()
 
 

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from compress import atomic
 from compress.metrics import as_float, ratio
 from compress.report.html import _MB, charts_html, format_value, html_page, html_table
-from compress.report.plots import legend_png
+from compress.report.plots import legend_svg
 from compress.report.tables import METRIC_COLUMNS, jsonable, write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -480,7 +480,7 @@ def front_plot(
     y_label: str,
     x_scale: float = 1.0,
 ) -> bytes | None:
-    """A PNG scatter of every COMPLETE trial with finite `x_key` and `y_key`, the 2-D Pareto
+    """An SVG scatter of every COMPLETE trial with finite `x_key` and `y_key`, the 2-D Pareto
     front of the feasible ones as a step line, infeasible trials as grey crosses and seeded
     trials labelled by name. None when no trial has both values."""
     points = []
@@ -530,7 +530,7 @@ def front_plot(
     ax.margins(0.08)
     if seeds:
         _label_seeds(ax, seeds)
-    return legend_png(fig)
+    return legend_svg(fig)
 
 
 LABEL_OFFSETS: tuple[tuple[float, float], ...] = (
@@ -647,7 +647,7 @@ def importance_chart(
     ax.invert_yaxis()  # most important on top
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    return legend_png(fig)
+    return legend_svg(fig)
 
 
 def _params_by_importance(series: Mapping[str, Mapping[str, float]]) -> list[str]:
@@ -876,9 +876,9 @@ def _importance_html(
         for p in _params_by_importance(series)
     ]
     parts = [html_table(records)]
-    png = importance_chart(series, labels)
-    if png is not None:
-        parts.append(charts_html([("Parameter importance per objective", png)]))
+    svg = importance_chart(series, labels)
+    if svg is not None:
+        parts.append(charts_html([("Parameter importance per objective", svg)]))
     if note:
         parts.append(_p(note))
     return "".join(parts)
@@ -993,7 +993,7 @@ def front_variants_yaml(trials: Sequence[Mapping[str, Any]], analysis: SweepAnal
 
 
 def front_plots(trials: Sequence[Mapping[str, Any]]) -> list[tuple[str, bytes]]:
-    """(title, PNG) pairs: perplexity vs latency ratio and perplexity vs weight MB, each
+    """(title, SVG) pairs: perplexity vs latency ratio and perplexity vs weight MB, each
     skipped when no COMPLETE trial has both metrics."""
     specs = (
         ("Perplexity vs latency", "latency_ratio", "latency (× baseline)", 1.0),
@@ -1001,7 +1001,7 @@ def front_plots(trials: Sequence[Mapping[str, Any]]) -> list[tuple[str, bytes]]:
     )
     charts = []
     for title, x_key, x_label, scale in specs:
-        png = front_plot(
+        svg = front_plot(
             trials,
             x_key,
             "perplexity",
@@ -1010,8 +1010,8 @@ def front_plots(trials: Sequence[Mapping[str, Any]]) -> list[tuple[str, bytes]]:
             y_label="perplexity",
             x_scale=scale,
         )
-        if png is not None:
-            charts.append((title, png))
+        if svg is not None:
+            charts.append((title, svg))
     return charts
 
 
