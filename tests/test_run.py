@@ -224,7 +224,14 @@ def test_pipeline_composes_and_reports_every_step(first_run, tmp_path) -> None:
     code = run_mod.main([str(_write(tmp_path, data)), "--report-dir", str(out), "--no-progress"])
     assert code == 0
     df = pd.read_csv(out / "results.csv").set_index("variant")
-    assert list(df.index) == ["baseline", "pruned", "recovered", "recovered-int8"]
+    # recovered trains, so its compute-matched control is a row of its own
+    assert list(df.index) == [
+        "baseline",
+        "pruned",
+        "recovered",
+        "recovered-control",
+        "recovered-int8",
+    ]
     # The row describes the whole chain from the baseline, as readable text.
     stages = df.loc["recovered-int8", "stages"]
     assert re.fullmatch(r"prune 50% magnitude -> distill \d+ steps -> int8", stages), stages

@@ -93,7 +93,11 @@ def test_bytes_are_the_stored_tensors() -> None:
 def test_pruned_zeros_survive_and_are_counted() -> None:
     model = nn.Sequential(nn.Linear(16, 8))
     with torch.no_grad():
-        model[0].weight[:3] = 0
+        # weights well away from 0 (a random one below half a quantization step would round
+        # to a zero code too), then three rows pruned
+        w = model[0].weight
+        w.copy_(torch.sign(torch.randn_like(w)) * (0.5 + 0.5 * torch.rand_like(w)))
+        w[:3] = 0
     q, _ = _apply(model, ignore=[], compile=False)
     assert count_zeros(q) == (3 * 16, 8 * 16)
 
