@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from compress._bnb import import_bnb
+from compress.evaluate.memory import SavesPlainTensors
 
 bnb = import_bnb()
 from bitsandbytes.functional import (  # noqa: E402  (after import_bnb quiets its logging)
@@ -57,7 +58,7 @@ def shape_problem(out_features: int, in_features: int, blocksize: int) -> str:
     return ""
 
 
-class CpuPacked4bitLinear(bnb.nn.Linear4bit):
+class CpuPacked4bitLinear(SavesPlainTensors, bnb.nn.Linear4bit):
     """A ``Linear4bit`` whose weights stay in the packed CPU layout (see the module docstring).
     Build one with :func:`pack` (from a quantized ``Linear4bit``) or :func:`from_tensors`."""
 
@@ -74,15 +75,6 @@ class CpuPacked4bitLinear(bnb.nn.Linear4bit):
         if self.bias is not None:
             out["bias"] = self.bias.detach()
         return out
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
-        # bitsandbytes' own unpacks the weights and re-quantizes their absmax (see above).
-        for k, v in self.plain_tensors().items():
-            destination[prefix + k] = v if keep_vars else v.detach()
-
-    @property
-    def weight_numel(self) -> int:
-        return self.out_features * self.in_features
 
     def codes(self) -> torch.Tensor:
         """The 4-bit code of every weight, uint8 ``(out, in)``, in the plain row-major order."""
@@ -130,6 +122,28 @@ def _shell(
     )
 
 
+def _with_weights(
+    data: torch.Tensor, state: QuantState, bias: torch.Tensor | None, compute_dtype: torch.dtype
+) -> nn.Module:
+    """A ``Linear4bit`` of ``state``'s shape holding ``data`` (4-bit codes in either layout)
+    as its quantized weight, and ``bias`` in fp32."""
+    out_features, in_features = state.shape
+    q = _shell(in_features, out_features, bias is not None, compute_dtype, state.quant_type)
+    q.weight = bnb.nn.Params4bit(
+        data,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=state.blocksize,
+        compress_statistics=False,
+        quant_type=state.quant_type,
+        module=q,
+        bnb_quantized=True,
+    )
+    if bias is not None:
+        q.bias = nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
+    return q
+
+
 def from_tensors(
     tensors: dict[str, torch.Tensor], quant_type: str, blocksize: int, compute_dtype: torch.dtype
 ) -> nn.Module:
@@ -152,19 +166,7 @@ def from_tensors(
     state.original_dtype = torch.float32
     state.original_nested = False
     state.original_qshape = torch.Size((out_features * in_features // 2, 1))
-    q = _shell(in_features, out_features, bias is not None, compute_dtype, quant_type)
-    q.weight = bnb.nn.Params4bit(
-        packed.to(torch.uint8).contiguous(),
-        requires_grad=False,
-        quant_state=state,
-        blocksize=blocksize,
-        compress_statistics=False,
-        quant_type=quant_type,
-        module=q,
-        bnb_quantized=True,
-    )
-    if bias is not None:
-        q.bias = nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
+    q = _with_weights(packed.to(torch.uint8).contiguous(), state, bias, compute_dtype)
     q.__class__ = CpuPacked4bitLinear
     q.support_avx512bf16_for_cpu = True
     return q
@@ -187,19 +189,6 @@ def unpacked_linear(
         quant_type=quant_type,
         dtype=torch.float32,
     )
-    bias = tensors.get("bias")
-    q = _shell(in_features, out_features, bias is not None, compute_dtype, quant_type)
-    q.weight = bnb.nn.Params4bit(
-        plain,
-        requires_grad=False,
-        quant_state=state,
-        blocksize=blocksize,
-        compress_statistics=False,
-        quant_type=quant_type,
-        module=q,
-        bnb_quantized=True,
-    )
-    if bias is not None:
-        q.bias = nn.Parameter(bias.detach().to(torch.float32), requires_grad=False)
+    q = _with_weights(plain, state, tensors.get("bias"), compute_dtype)
     q.support_avx512bf16_for_cpu = False  # plain layout, portable kernel
     return q

@@ -32,6 +32,8 @@ from types import ModuleType
 import torch
 import torch.nn as nn
 
+from compress.evaluate.memory import SavesPlainTensors
+
 log = logging.getLogger(__name__)
 
 # torchao logs at import that its CUDA-only extensions do not load on a CPU build, and torch
@@ -79,7 +81,7 @@ def _config(per_channel: bool):
     )
 
 
-class TorchaoInt8Linear(nn.Linear):
+class TorchaoInt8Linear(SavesPlainTensors, nn.Linear):
     """An ``nn.Linear`` whose weight is torchao's ``Int8Tensor`` (int8 weights, dynamic int8
     activations); named for what it is, and describing its stored form for counting/saving."""
 
@@ -89,16 +91,6 @@ class TorchaoInt8Linear(nn.Linear):
         if self.bias is not None:
             out["bias"] = self.bias.detach()
         return out
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
-        # The plain tensors (what is saved anyway); detaching the Int8Tensor itself fails
-        # under inference mode.
-        for k, v in self.plain_tensors().items():
-            destination[prefix + k] = v if keep_vars else v.detach()
-
-    @property
-    def weight_numel(self) -> int:
-        return self.out_features * self.in_features
 
     @property
     def per_channel(self) -> bool:

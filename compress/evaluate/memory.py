@@ -84,6 +84,26 @@ def packs_own_weights(module: nn.Module) -> bool:
     return callable(getattr(type(module), "plain_tensors", None))
 
 
+class SavesPlainTensors:
+    """Mixin for a Linear that holds its weights in a kernel's layout: its state dict is the
+    portable tensors ``plain_tensors()`` names (what is saved and counted), and
+    ``weight_numel`` is the weight matrix's size, whatever the layout stores."""
+
+    def plain_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+        # Never the module's own parameters: a kernel layout's state dict would not reload
+        # (bitsandbytes re-quantizes its packed absmax; torchao's Int8Tensor cannot be
+        # detached under inference mode).
+        for k, v in self.plain_tensors().items():
+            destination[prefix + k] = v if keep_vars else v.detach()
+
+    @property
+    def weight_numel(self) -> int:
+        return self.out_features * self.in_features
+
+
 def plain_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """The weights of a packed layer (torch dynamic int8 or self-packing) as plain tensors."""
     return module.plain_tensors() if packs_own_weights(module) else packed_linear_tensors(module)
