@@ -257,12 +257,14 @@ def prepare(recipe: Recipe, base_dir: Path, progress: bool = True) -> Workspace:
                     f"the model's vocabulary has {vocab} entries"
                 )
     else:
-        with shown.phase(f"tokenizer: training (vocab {recipe.data.vocab_size}), encoding"):
+        # The tokenizer and the token ids come from the cache when they are there; the phase
+        # line names the step, not how it will be done.
+        with shown.phase(f"tokenizer (vocab {recipe.data.vocab_size}) and token ids"):
             tokenizer = train_tokenizer(corpus, recipe.data.vocab_size)
             tokens = encode_splits(tokenizer, corpus)
         check_tokens(recipe, tokens, trains_baseline=True)
         cfg = GPTConfig(vocab_size=tokenizer.vocab_size, **PRESETS[recipe.model.preset])
-        with shown.phase(f"baseline: {recipe.model.preset} from the cache, or trained now"):
+        with shown.phase(f"baseline: built-in GPT '{recipe.model.preset}'"):
             baseline, info = get_baseline(
                 cfg,
                 tokens,
