@@ -1,18 +1,23 @@
 """Benchmark the scan allocation: uniform pruning vs sparsity allocated by the per-layer
 sensitivity scan, at the same overall sparsity.
 
-    python benchmarks/scan.py [--sparsities 0.5 0.7] [--methods magnitude wanda]
+    python benchmarks/scan.py [--sparsities 0.5 0.7] [--methods magnitude wanda sparsegpt]
 
-On the default baseline (``recipes/int8.yaml``: the built-in `small` GPT, trained with the
-default recipe's settings or loaded from the cache), the scan (magnitude pruning of one layer
-at each target sparsity and simulated round-to-nearest at 8/4 bits, perplexity on
-the first 8192 tokens of the valid split; ``--scan-tokens``, ``--scan-bits``) ranks the block
-linear layers; its pruning columns are the benchmark's sparsities. Every variant then
-prunes every block linear layer of the same baseline to the same overall sparsity:
+On the baseline of ``recipes/scan-converged.yaml`` (the built-in `tiny` GPT trained until its
+validation loss stops improving, as ``benchmarks/methods.py`` judges the methods on; trained on
+first use, then cached), the scan (magnitude pruning of one layer at a time at each of
+``--scan-sparsities`` and simulated round-to-nearest at 8/4 bits, perplexity on the first
+16384 tokens of the valid split; ``--scan-tokens``, ``--scan-bits``) gives each block linear
+layer a curve of perplexity increase against sparsity. Every variant then prunes every block
+linear layer of the same baseline to the same overall sparsity:
 
 - ``uniform``: every layer at the target;
-- ``scan``: OWL-style, less sensitive layers pruned more, within target +- strength;
-- ``scan-dense-k``: the k most sensitive layers left dense, the others pruned evenly.
+- ``scan``: OWL-style, less sensitive layers (per pruned weight) pruned more, within
+  target +- strength;
+- ``k most sensitive dense``: the k most sensitive layers (per pruned weight) left dense, the
+  others pruned evenly;
+- ``scan-optimal``: the sparsities minimising the sum of the scanned increases (optionally
+  within target +- strength).
 
 Perplexity is measured on the recipe's evaluation split (test, which the scan never read),
 with the paired bootstrap 95% interval of each variant's difference to uniform pruning at the
@@ -42,12 +47,12 @@ from compress.errors import CompressError  # noqa: E402
 from compress.evaluate.perplexity import perplexity  # noqa: E402
 from compress.evaluate.uncertainty import perplexity_difference  # noqa: E402
 from compress.recipe import load_recipe  # noqa: E402
-from compress.scan.spec import ScanSpec  # noqa: E402
+from compress.scan.spec import ScanPruneSpec, ScanQuantSpec, ScanSpec  # noqa: E402
 from compress.scan.workspace import scan_workspace, sensitivity_for  # noqa: E402
 from compress.workbench import environment, prepare  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results"
-RECIPE = REPO / "recipes" / "int8.yaml"
+RECIPE = REPO / "recipes" / "scan-converged.yaml"
 
 
 def variants(strengths: list[float], dense: list[int]) -> list[tuple[str, dict]]:
@@ -59,17 +64,29 @@ def variants(strengths: list[float], dense: list[int]) -> list[tuple[str, dict]]
         (f"{k} most sensitive dense", {"allocation": "scan-dense", "dense_layers": k})
         for k in dense
     ]
+    out.append(("scan-optimal", {"allocation": "scan-optimal"}))
+    out += [
+        (f"scan-optimal (band {s:g})", {"allocation": "scan-optimal", "scan_strength": s})
+        for s in strengths
+    ]
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
-    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda"])
+    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument(
+        "--scan-sparsities",
+        type=float,
+        nargs="+",
+        default=[0.3, 0.5, 0.7, 0.9],
+        help="the scan's pruning columns (the curves the allocations read)",
+    )
     p.add_argument("--strengths", type=float, nargs="+", default=[0.1, 0.2])
     p.add_argument("--dense", type=int, nargs="+", default=[1, 2])
     p.add_argument("--samples", type=int, default=64, help="calibration windows (wanda)")
-    p.add_argument("--scan-tokens", type=int, default=8192, help="tokens per scan perplexity")
+    p.add_argument("--scan-tokens", type=int, default=16384, help="tokens per scan perplexity")
     p.add_argument("--scan-bits", type=int, nargs="*", default=[8, 4], help="simulated RTN columns")
     p.add_argument("--note", default="", help="a sentence for the results page")
     p.add_argument("--recipe", type=Path, default=RECIPE, help="the baseline's recipe")
@@ -85,10 +102,16 @@ def main() -> int:
     if args.accept_partial:
         train = recipe.train.model_copy(update={"partial": "accept"})
         recipe = recipe.model_copy(update={"train": train})
-    scan_spec = ScanSpec(
-        tokens=args.scan_tokens,
-        prune={"method": "magnitude", "sparsities": args.sparsities},
-        quantize={"bits": args.scan_bits} if args.scan_bits else None,
+    base_scan = recipe.scan or ScanSpec()
+    quant = base_scan.quantize or ScanQuantSpec()
+    scan_spec = base_scan.model_copy(
+        update={
+            "tokens": args.scan_tokens,
+            "prune": ScanPruneSpec(method="magnitude", sparsities=args.scan_sparsities),
+            "quantize": quant.model_copy(update={"bits": args.scan_bits})
+            if args.scan_bits
+            else None,
+        }
     )
     recipe = recipe.model_copy(update={"variants": [], "scan": scan_spec})
     ws = prepare(recipe, REPO, progress=False)
@@ -188,10 +211,11 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
     write_tidy(OUT / "scan.csv", tidy)
 
     mid = next(
-        (c["setting"] for c in scan.prune_settings() if abs(c["sparsity"] - 0.5) < 1e-9),
-        scan.prune_settings()[0]["setting"],
+        (c for c in scan.prune_settings() if abs(c["sparsity"] - 0.5) < 1e-9),
+        scan.prune_settings()[0],
     )
-    ranking = scan.ranking(mid)
+    per = scan.per_weight(mid["sparsity"])
+    ranking = scan.allocation_ranking(mid["sparsity"])
     lines = [
         "# Sensitivity scan: uniform vs scan-allocated sparsity",
         "",
@@ -214,10 +238,17 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
         f"{scan.split} split, baseline {scan.baseline_perplexity:.3f}; "
         + f"took {scan_seconds:.0f} s"
         + (" when measured (this run read it from the cache)." if scan.cached else ".")
-        + f" Most sensitive at {mid}: "
-        + ", ".join(f"`{n}` ({scan.delta(n, mid):+.2f})" for n in ranking[:4])
+        + f" Most sensitive per pruned weight at {mid['setting']} (increase, and per 1,000 "
+        "pruned weights): "
+        + ", ".join(
+            f"`{n}` ({scan.delta(n, mid['setting']):+.2f}, {1000 * per[n]:+.3f})"
+            for n in ranking[:4]
+        )
         + "; least: "
-        + ", ".join(f"`{n}` ({scan.delta(n, mid):+.2f})" for n in ranking[-2:])
+        + ", ".join(
+            f"`{n}` ({scan.delta(n, mid['setting']):+.2f}, {1000 * per[n]:+.3f})"
+            for n in ranking[-2:]
+        )
         + ".",
         "",
         f"Pruning: every block linear layer of the same baseline to the same overall sparsity "
@@ -255,9 +286,20 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
         "",
         f"Of {sum(r['allocation'] != 'uniform' for r in ok)} measured non-uniform variants, "
         f"{len(better)} beat uniform pruning beyond noise and {len(worse)} lost to it beyond "
-        "noise (the rest are within noise).",
+        "noise (the rest are within noise). By allocation (over methods and sparsities):",
         "",
+        "| allocation | beat uniform | within noise | lost | not possible |",
+        "|---|---|---|---|---|",
     ]
+    labels = list(dict.fromkeys(r["allocation"] for r in results if r["allocation"] != "uniform"))
+    for label in labels:
+        rows = [r for r in results if r["allocation"] == label]
+        won = sum(1 for r in rows if "error" not in r and r["vs_uniform_hi"] < 0)
+        lost = sum(1 for r in rows if "error" not in r and r["vs_uniform_lo"] > 0)
+        failed = sum(1 for r in rows if "error" in r)
+        tied = len(rows) - won - lost - failed
+        lines.append(f"| {label} | {won} | {tied} | {lost} | {failed} |")
+    lines.append("")
     atomic.write_text(OUT / "scan.md", "\n".join(lines))
     print(f"wrote {OUT / 'scan.md'} and {OUT / 'scan.csv'}")
 

@@ -444,6 +444,9 @@ def _sections(
     ]
     if recipe.eval.generation.prompts and any(r.continuations for r in results):
         sections.append(("Greedy continuations", _generation_section(ws, results)))
+    scan = _scan_section(ws, results)
+    if scan:
+        sections.append(("Sensitivity scan of the baseline", scan))
     for r in results:
         for rep in r.stages:
             body = (  # the per-module tables folded: one line per stage until opened
@@ -459,6 +462,32 @@ def _sections(
         if r.traceback:
             sections.append((f"Failure: {r.name}", f"<pre>{html.escape(r.traceback)}</pre>"))
     return sections
+
+
+def _scan_section(ws: Workspace, results: list[VariantResult]) -> str:
+    """The baseline's sensitivity scan (heat map and ranking) when a variant allocated its
+    sparsity from a scan: read from the cache the stage filled, or measured now."""
+    users = [
+        r.name
+        for r in results
+        for rep in r.stages
+        if rep.extra.get("allocation", "uniform") != "uniform"
+    ]
+    if not users:
+        return ""
+    from compress.scan.report import scan_section
+    from compress.scan.workspace import scan_workspace
+
+    try:
+        result = scan_workspace(ws)
+    except CompressError as exc:
+        return f"<p>The scan could not be shown: {html.escape(str(exc))}</p>"
+    names = ", ".join(html.escape(n) for n in dict.fromkeys(users))
+    return (
+        f"<p>Allocated their sparsity from a scan: {names} (a variant that prunes a model "
+        "other than the baseline, through <code>from:</code>, reads that model's scan).</p>"
+        + scan_section(result)
+    )
 
 
 def run_notes(ws: Workspace, baseline_ppl: float | None) -> list[str]:

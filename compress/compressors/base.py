@@ -27,8 +27,9 @@ from compress.train import TrainConfig
 
 TokenLoader = Callable[[DataSpec], dict[str, torch.Tensor]]
 """Token ids per split (train, valid, test) of a corpus, in the run's tokenizer."""
-Sensitivity = Callable[[nn.Module, float], dict[str, float]]
-"""Perplexity increase per linear layer (by module name) when only it is pruned."""
+Sensitivity = Callable[[nn.Module], dict[str, list[tuple[float, float]]]]
+"""Per linear layer (by module name): (sparsity, perplexity increase) when only it is pruned,
+at each scanned sparsity."""
 
 
 class StageConfig(BaseModel):
@@ -53,9 +54,9 @@ class StageContext:
     ``train`` is the run's own training settings (the baseline's), which a training stage
     defaults to;
     ``load_tokens`` gives another corpus's token ids in the run's tokenizer;
-    ``sensitivity(model, sparsity)`` gives each linear layer's perplexity increase when only
-    it is pruned near ``sparsity`` (a sensitivity scan, :mod:`compress.scan`), for stages that
-    allocate sparsity by it.
+    ``sensitivity(model)`` gives each linear layer's perplexity increase when only it is
+    pruned, at each scanned sparsity (a sensitivity scan, :mod:`compress.scan`), for stages
+    that allocate sparsity by it.
     """
 
     seed: int = 0

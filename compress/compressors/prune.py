@@ -11,11 +11,14 @@
   kept weights to preserve each layer's outputs on the calibration inputs.
 
 ``allocation`` spreads the sparsity over the layers (``scope: layer`` only, no pattern):
-``uniform`` gives every layer the same; ``scan`` follows a per-layer sensitivity scan
-(:mod:`compress.scan`), OWL-style: less sensitive layers lose more, within
-``sparsity +- scan_strength``; ``scan-dense`` leaves the ``dense_layers`` most sensitive layers
-dense and prunes the others evenly. Both keep the overall sparsity of the targeted layers at
-exactly ``round(sparsity * n)`` weights (:mod:`compress.scan.allocation`).
+``uniform`` gives every layer the same; the others follow a per-layer sensitivity scan
+(:mod:`compress.scan`), ranking layers by scanned perplexity increase per pruned weight.
+``scan`` is OWL-style: less sensitive layers lose more, within ``sparsity +- scan_strength``
+(0.1 when unset); ``scan-dense`` leaves the ``dense_layers`` most sensitive layers dense and
+prunes the others evenly; ``scan-optimal`` takes the sparsities that minimise the sum of the
+scanned increases (within the scanned sparsities, and ``sparsity +- scan_strength`` when
+set). All keep the overall sparsity of the targeted layers at exactly ``round(sparsity * n)``
+weights (:mod:`compress.scan.allocation`).
 
 ``pattern: N:M`` keeps N of every M consecutive input weights of each row (2:4 keeps 2 of 4,
 the papers' convention) and fixes the sparsity at ``1 - N/M``. Otherwise exactly
@@ -71,8 +74,10 @@ class PruneConfig(StageConfig):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights set to zero")
     pattern: str | None = Field(None, description="N:M, keep N of every M input weights")
     scope: Literal["layer", "global"] = "layer"
-    allocation: Literal["uniform", "scan", "scan-dense"] = "uniform"
-    scan_strength: float = Field(0.1, ge=0.0, le=0.5, description="scan: sparsity +- this")
+    allocation: Literal["uniform", "scan", "scan-dense", "scan-optimal"] = "uniform"
+    scan_strength: float | None = Field(
+        None, ge=0.0, le=0.5, description="scan, scan-optimal: sparsity +- this (scan: 0.1)"
+    )
     dense_layers: int = Field(1, ge=1, description="scan-dense: most sensitive layers kept")
     blocksize: int = Field(128, ge=1, description="sparsegpt: columns updated together")
     damp: float = Field(0.01, gt=0.0, le=1.0, description="sparsegpt: Hessian dampening")
@@ -118,10 +123,13 @@ class PruneConfig(StageConfig):
                 "or scope global"
             )
         fields = type(self).model_fields
-        for key, needs in (("scan_strength", "scan"), ("dense_layers", "scan-dense")):
+        for key, needs in (
+            ("scan_strength", ("scan", "scan-optimal")),
+            ("dense_layers", ("scan-dense",)),
+        ):
             if key in self.model_fields_set and getattr(self, key) != fields[key].default:
-                if self.allocation != needs:
-                    raise ValueError(f"{key}: only read by allocation {needs}")
+                if self.allocation not in needs:
+                    raise ValueError(f"{key}: only read by allocation {' or '.join(needs)}")
         if self.method != "sparsegpt":
             stray = [
                 k
@@ -189,21 +197,25 @@ def layer_sparsity(
             f"{KIND}.allocation {cfg.allocation}: needs a sensitivity scan, which this run "
             "does not provide"
         )
-    scores = ctx.sensitivity(model, cfg.sparsity)
-    missing = [n for n in modules if n not in scores]
+    curves = ctx.sensitivity(model)
+    missing = [n for n in modules if n not in curves]
     if missing:
         raise CompressError(
             f"{KIND}.allocation {cfg.allocation}: {missing[0]} was not scanned; scan.targets "
             "and scan.ignore must cover the layers prune targets"
         )
-    from compress.scan.allocation import dense_allocation, scan_allocation
+    from compress.scan import allocation as alloc
 
     numel = {n: m.weight.numel() for n, m in modules.items()}
+    curves = {n: curves[n] for n in modules}
     try:
         if cfg.allocation == "scan":
-            counts = scan_allocation(numel, scores, cfg.sparsity, cfg.scan_strength)
+            strength = 0.1 if cfg.scan_strength is None else cfg.scan_strength
+            counts = alloc.scan_allocation(numel, curves, cfg.sparsity, strength)
+        elif cfg.allocation == "scan-optimal":
+            counts = alloc.optimal_allocation(numel, curves, cfg.sparsity, cfg.scan_strength)
         else:
-            counts = dense_allocation(numel, scores, cfg.sparsity, cfg.dense_layers)
+            counts = alloc.dense_allocation(numel, curves, cfg.sparsity, cfg.dense_layers)
     except CompressError as exc:
         problem = str(exc).removeprefix("allocation: ")
         raise CompressError(f"{KIND}.allocation {cfg.allocation}: {problem}") from None

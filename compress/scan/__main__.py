@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Perplexity change when only one linear layer is pruned or quantized.",
     )
     p.add_argument("recipe", type=Path, help="recipe YAML (its scan: section, or the defaults)")
-    p.add_argument("--report-dir", type=Path, help="write here (default reports/<name>)")
+    p.add_argument("--report-dir", type=Path, help="write here (default reports/<name>-scan)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
     return p.parse_args(argv)
@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
             resolve_device(recipe.device)
         except CompressError as exc:
             raise CompressError(f"{args.recipe}: {exc}") from None
-        out_dir = args.report_dir or Path(recipe.report.dir or Path("reports") / recipe.name)
+        run_dir = Path(recipe.report.dir or Path("reports") / recipe.name)
+        # beside the run's report, not in it: a run replaces its folder as a whole
+        out_dir = args.report_dir or run_dir.with_name(f"{run_dir.name}-scan")
         check_output(out_dir)
         from compress.scan.report import write_scan
         from compress.scan.workspace import scan_spec, scan_workspace
@@ -69,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     first = result.prune_settings()
     if first:
-        mid = first[len(first) // 2]["setting"]
-        top = ", ".join(result.ranking(mid)[:3])
-        print(f"most sensitive at {mid}: {top}")
+        mid = first[len(first) // 2]
+        top = ", ".join(result.allocation_ranking(mid["sparsity"])[:3])
+        print(f"most sensitive per pruned weight at sparsity {mid['sparsity']:g}: {top}")
     print(f"scan: {paths['html']}  (also {paths['csv'].name}, {paths['json'].name})")
     return 0
 

@@ -100,20 +100,36 @@ class ScanResult:
                 seen.setdefault(r["setting"], r["value"])
         return [{"setting": s, "sparsity": v} for s, v in sorted(seen.items(), key=lambda x: x[1])]
 
-    def sensitivity(self, sparsity: float) -> dict[str, float]:
-        """Each layer's perplexity increase at the scanned sparsity nearest ``sparsity`` (the
-        higher one on a tie): what a non-uniform allocation at that overall sparsity ranks."""
+    def curves(self) -> dict[str, list[tuple[float, float]]]:
+        """Each layer's (sparsity, perplexity increase) at every scanned pruning sparsity, in
+        increasing sparsity: what the non-uniform allocations read
+        (:mod:`compress.scan.allocation`)."""
         cols = self.prune_settings()
         if not cols:
             raise CompressError(
                 "scan.prune: the scan has no pruning settings to allocate sparsity from"
             )
-        best = min(cols, key=lambda c: (abs(c["sparsity"] - sparsity), -c["sparsity"]))
-        return {layer: self.delta(layer, best["setting"]) for layer in self.layers}
+        return {
+            layer: [(c["sparsity"], self.delta(layer, c["setting"])) for c in cols]
+            for layer in self.layers
+        }
 
     def ranking(self, setting: str) -> list[str]:
         """Layers by perplexity increase under ``setting``, most sensitive first."""
         return sorted(self.layers, key=lambda n: -self.delta(n, setting))
+
+    def per_weight(self, sparsity: float) -> dict[str, float]:
+        """Each layer's scanned increase at ``sparsity`` per weight pruned: what the scan
+        allocations rank layers by (:func:`compress.scan.allocation.per_weight`)."""
+        from compress.scan.allocation import per_weight
+
+        return per_weight(self.numel, self.curves(), sparsity)
+
+    def allocation_ranking(self, sparsity: float) -> list[str]:
+        """Layers by increase per pruned weight at ``sparsity``, most sensitive first: the
+        order ``scan-dense`` leaves layers dense in."""
+        score = self.per_weight(sparsity)
+        return sorted(self.layers, key=lambda n: (-score[n], self.layers.index(n)))
 
 
 def settings_of(spec: ScanSpec) -> list[Setting]:

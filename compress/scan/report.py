@@ -107,15 +107,22 @@ def _ranking_table(result: ScanResult) -> str:
         n: sum(result.delta(n, s) for s in result.settings) / len(result.settings)
         for n in result.layers
     }
+    cols = result.prune_settings()
+    at = cols[len(cols) // 2]["sparsity"] if cols else None
+    per = result.per_weight(at) if at is not None else {}
+    if at is not None:
+        head += f"<th>per 1,000 pruned weights at {at:g}</th>"
     for n in sorted(result.layers, key=lambda n: -mean[n]):
         cells = "".join(f"<td>{result.delta(n, s):+.3f}</td>" for s in result.settings)
+        if at is not None:
+            cells += f"<td>{1000 * per[n]:+.3f}</td>"
         rows.append(f"<tr><td>{esc(n)}</td><td>{result.numel[n]:,}</td>{cells}</tr>")
     return f"<table><tr><th>layer</th><th>weights</th>{head}</tr>{''.join(rows)}</table>"
 
 
-def scan_html(result: ScanResult, title: str, notes: list[str]) -> str:
+def _intro(result: ScanResult) -> str:
     esc = html.escape
-    intro = (
+    return (
         f"<p>Perplexity of the first {result.tokens:,} scored tokens of the {esc(result.split)} "
         f"split (windows of {result.seq_len}) when only one linear layer is compressed, the "
         f"rest of the model untouched. Baseline: {result.baseline_perplexity:.3f}. Each cell "
@@ -124,15 +131,39 @@ def scan_html(result: ScanResult, title: str, notes: list[str]) -> str:
         "(simulated) round weights in float32 on a min-max grid; they measure what rounding "
         "costs, not a kernel.</p>"
     )
+
+
+RANKING_NOTE = (
+    "<p>The last column is what the scan allocations rank layers by: the increase when "
+    "the layer alone is pruned, per weight pruned (interpolated between the scanned "
+    "sparsities). Every allocation prunes the same number of weights, so a large layer "
+    "with a large increase can still be the cheapest place to prune.</p>"
+)
+
+
+def scan_section(result: ScanResult) -> str:
+    """The heat map and the ranking as one fragment, for a run's report."""
+    return (
+        _intro(result)
+        + heatmap_svg(result)
+        + "<h3>Layers, most sensitive first (mean change over the settings)</h3>"
+        + RANKING_NOTE
+        + _ranking_table(result)
+    )
+
+
+def scan_html(result: ScanResult, title: str, notes: list[str]) -> str:
+    esc = html.escape
     note_html = "".join(f"<p>{esc(n)}</p>" for n in notes)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{esc(title)}</title><style>body{{font-family:sans-serif;margin:2em}}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;"
         "text-align:right}td:first-child{text-align:left}</style></head><body>"
-        f"<h1>{esc(title)}</h1>{intro}{note_html}<h2>Heat map</h2>{heatmap_svg(result)}"
+        f"<h1>{esc(title)}</h1>{_intro(result)}{note_html}<h2>Heat map</h2>"
+        f"{heatmap_svg(result)}"
         "<h2>Layers, most sensitive first (mean change over the settings)</h2>"
-        f"{_ranking_table(result)}</body></html>\n"
+        f"{RANKING_NOTE}{_ranking_table(result)}</body></html>\n"
     )
 
 

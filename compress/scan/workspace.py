@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
+from compress.scan.allocation import Curve
 from compress.scan.measure import Echo, ScanResult, cached_scan
 from compress.scan.spec import ScanSpec
 
@@ -42,10 +43,10 @@ def scan_workspace(
     )
 
 
-def sensitivity_for(ws: Workspace) -> Callable[[nn.Module, float], dict[str, float]]:
-    """What a stage's ``ctx.sensitivity`` calls: the scan of the model it is given."""
+def sensitivity_for(ws: Workspace) -> Callable[[nn.Module], dict[str, Curve]]:
+    """What a stage's ``ctx.sensitivity`` calls: the scan curves of the model it is given."""
 
-    def sensitivity(model: nn.Module, sparsity: float) -> dict[str, float]:
-        return scan_workspace(ws, model).sensitivity(sparsity)
+    def sensitivity(model: nn.Module) -> dict[str, Curve]:
+        return scan_workspace(ws, model).curves()
 
     return sensitivity

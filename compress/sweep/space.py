@@ -34,8 +34,8 @@ with ``alloc: {choice: [uniform, scan]}``): uniform or scan-derived per-layer sp
 then one more dimension of the search. With ``scan_seeds: true`` the sweep measures the
 per-layer sensitivity scan first (:mod:`compress.scan`) and queues, after the recipe's seeds,
 one trial per scanned sparsity inside the sparsity parameter's range with ``allocation: scan``
-(and one with ``scan-dense`` when it is a choice): the scan's own proposals, measured before
-the sampler's.
+(and one each with ``scan-dense`` and ``scan-optimal`` when they are choices): the scan's own
+proposals, measured before the sampler's.
 
 Nothing here talks to Optuna's storage; :mod:`compress.sweep.runner` does.
 """
@@ -461,7 +461,7 @@ def check_structure(spec: SweepSpec) -> None:
             raise SpaceError(f"seeds.{name}", "seed names are like variant names, not 'baseline'")
 
 
-ALLOCATIONS = ("scan", "scan-dense")
+ALLOCATIONS = ("scan", "scan-dense", "scan-optimal")
 
 
 def _scan_stage(spec: SweepSpec) -> tuple[int, str, Any, dict] | None:

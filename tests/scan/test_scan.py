@@ -174,3 +174,32 @@ def test_cli_bad_recipe_is_one_line_exit_2(tiny_recipe_dict, tmp_path, capsys, s
     assert main([str(path), "--report-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"bad.yaml: {key}" in err, err
+
+
+def test_scan_then_run_of_one_recipe_both_succeed_and_the_run_shows_the_scan(
+    tiny_recipe_dict, tmp_path, monkeypatch, capsys
+):
+    """The scan writes beside the run's report folder (a run replaces its folder whole), and
+    the run's report carries the heat map when a variant allocated from the scan."""
+    import yaml
+
+    from compress import run as run_mod
+    from compress.scan.__main__ import main
+
+    recipe = {
+        **tiny_recipe_dict,
+        "name": "scanrun",
+        "scan": {"tokens": 512, "prune": {"sparsities": [0.5]}, "quantize": None},
+        "variants": [
+            {"name": "dense1", "pipeline": [{"prune": {"allocation": "scan-dense"}}]},
+        ],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(tmp_path)
+    assert main([str(path), "--no-progress"]) == 0
+    assert (tmp_path / "reports" / "scanrun-scan" / "scan.html").exists()
+    assert run_mod.main([str(path), "--no-progress"]) == 0
+    page = (tmp_path / "reports" / "scanrun" / "report.html").read_text()
+    assert "Sensitivity scan of the baseline" in page and "per 1,000 pruned weights" in page
+    assert (tmp_path / "reports" / "scanrun-scan" / "scan.html").exists()  # left alone
