@@ -89,6 +89,9 @@ def main() -> int:
     p.add_argument("--scan-tokens", type=int, default=16384, help="tokens per scan perplexity")
     p.add_argument("--scan-bits", type=int, nargs="*", default=[8, 4], help="simulated RTN columns")
     p.add_argument("--note", default="", help="a sentence for the results page")
+    p.add_argument(
+        "--out", default="scan", help="results name: benchmarks/results/<out>.md and .csv"
+    )
     p.add_argument("--recipe", type=Path, default=RECIPE, help="the baseline's recipe")
     p.add_argument(
         "--accept-partial",
@@ -184,12 +187,35 @@ def main() -> int:
     load_after = os.getloadavg()[0]
     env = environment()
     write_results(
-        results, scan, dense_ppl, ws, env, load_before, load_after, scan_seconds, args.note
+        results,
+        scan,
+        dense_ppl,
+        ws,
+        env,
+        load_before,
+        load_after,
+        scan_seconds,
+        args.note,
+        args.out,
     )
     return 0
 
 
-def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, scan_seconds, note):
+def trained(t: dict | None) -> str:
+    """How the baseline was trained, from its cached training record."""
+    if not t:
+        return "not trained here"
+    best = t.get("best_val_loss")
+    return (
+        f"trained {t.get('steps')} steps in {t.get('seconds', 0) / 60:.1f} min, stopped by "
+        f"{t.get('stopped_by')}"
+        + (f", best validation loss {best:.3f} at step {t.get('best_step')}" if best else "")
+    )
+
+
+def write_results(
+    results, scan, dense_ppl, ws, env, load_before, load_after, scan_seconds, note, out
+):
     mach, stamp, rev = machine(env), today(), commit()
     tidy = []
     ok = [r for r in results if "error" not in r]
@@ -208,7 +234,7 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
                 }
             )
     OUT.mkdir(parents=True, exist_ok=True)
-    write_tidy(OUT / "scan.csv", tidy)
+    write_tidy(OUT / f"{out}.csv", tidy)
 
     mid = next(
         (c for c in scan.prune_settings() if abs(c["sparsity"] - 0.5) < 1e-9),
@@ -222,7 +248,8 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
         "Measured by `python benchmarks/scan.py "
         + " ".join(sys.argv[1:])
         + "` on "
-        + f"{ws.baseline_info.description} (baseline key `{ws.baseline_info.key}`"
+        + f"{ws.baseline_info.description} (baseline key `{ws.baseline_info.key}`; "
+        + trained(ws.baseline_info.train)
         + (
             f"; PARTIAL: {ws.baseline_info.steps_text()}, stopped early on this busy machine"
             if ws.baseline_info.partial
@@ -250,6 +277,12 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
             for n in ranking[-2:]
         )
         + ".",
+        "",
+        *(
+            f"Warning from the scan: {n}."
+            for n in dict.fromkeys(scan.noise_note(r["target"]) for r in ok)
+            if n
+        ),
         "",
         f"Pruning: every block linear layer of the same baseline to the same overall sparsity "
         f"(exact: `achieved`). Perplexity on {dense_ppl.tokens:,} scored tokens of the test "
@@ -300,8 +333,8 @@ def write_results(results, scan, dense_ppl, ws, env, load_before, load_after, sc
         tied = len(rows) - won - lost - failed
         lines.append(f"| {label} | {won} | {tied} | {lost} | {failed} |")
     lines.append("")
-    atomic.write_text(OUT / "scan.md", "\n".join(lines))
-    print(f"wrote {OUT / 'scan.md'} and {OUT / 'scan.csv'}")
+    atomic.write_text(OUT / f"{out}.md", "\n".join(lines))
+    print(f"wrote {OUT / f'{out}.md'} and {OUT / f'{out}.csv'}")
 
 
 if __name__ == "__main__":

@@ -483,10 +483,23 @@ def _scan_section(ws: Workspace, results: list[VariantResult]) -> str:
     except CompressError as exc:
         return f"<p>The scan could not be shown: {html.escape(str(exc))}</p>"
     names = ", ".join(html.escape(n) for n in dict.fromkeys(users))
+    notes = []
+    for s in sorted(
+        {
+            rep.config.get("sparsity", 0.5)
+            for r in results
+            for rep in r.stages
+            if rep.extra.get("allocation", "uniform") != "uniform"
+        }
+    ):
+        note = result.noise_note(s)
+        if note and note not in notes:
+            log.warning("%s", note)
+            notes.append(note)
     return (
         f"<p>Allocated their sparsity from a scan: {names} (a variant that prunes a model "
         "other than the baseline, through <code>from:</code>, reads that model's scan).</p>"
-        + scan_section(result)
+        + scan_section(result, notes)
     )
 
 

@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    from compress.scan.report import noise_notes
+
+    for note in noise_notes(result):
+        print(f"warning: {note}")
     first = result.prune_settings()
     if first:
         mid = first[len(first) // 2]

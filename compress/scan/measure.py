@@ -36,12 +36,13 @@ from compress.compressors.wanda import wanda
 from compress.data.calibration import CalibrationSpec, calibration_windows
 from compress.errors import CompressError
 from compress.evaluate.perplexity import perplexity
+from compress.evaluate.uncertainty import perplexity_difference
 from compress.models.adapter import LayoutError, adapter_for
 from compress.scan.spec import ScanSpec
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the cached result's meaning changes
+FORMAT = 2  # bump when the cached result's meaning changes (2: each delta's interval)
 STAGE = "scan"
 Echo = Callable[[str], None]
 
@@ -91,6 +92,33 @@ class ScanResult:
             if r["layer"] == layer and r["setting"] == setting:
                 return r["delta"]
         raise KeyError((layer, setting))
+
+    def within_noise(self, layer: str, setting: str) -> bool:
+        """Whether the layer's increase under ``setting`` has an interval containing 0."""
+        for r in self.rows:
+            if r["layer"] == layer and r["setting"] == setting:
+                return r["delta_lo"] <= 0 <= r["delta_hi"]
+        raise KeyError((layer, setting))
+
+    def noise_note(self, sparsity: float) -> str | None:
+        """A warning when most layers' increases at the scanned pruning sparsity nearest
+        ``sparsity`` are within noise: the scan then cannot tell the layers apart there, and
+        an allocation built from it may do no better than uniform pruning (an undertrained
+        model, or too few scan tokens)."""
+        cols = self.prune_settings()
+        if not cols:
+            return None
+        col = min(cols, key=lambda c: (abs(c["sparsity"] - sparsity), -c["sparsity"]))
+        noisy = [n for n in self.layers if self.within_noise(n, col["setting"])]
+        if 2 * len(noisy) <= len(self.layers):
+            return None
+        return (
+            f"scan: at {col['setting']}, {len(noisy)} of {len(self.layers)} layers' perplexity "
+            f"increases are within noise (their 95% intervals contain 0) on the "
+            f"{self.tokens:,} scanned tokens: the scan cannot rank these layers, and an "
+            "allocation built from it may do no better than uniform pruning (train the model "
+            "further, or scan more tokens: scan.tokens)"
+        )
 
     def prune_settings(self) -> list[dict]:
         """The pruning columns: ``{"setting", "sparsity"}`` in increasing sparsity."""
@@ -255,9 +283,6 @@ def scan_model(
             model, names, tokens, calibration or CalibrationSpec(), fingerprint, spec.prune.method
         )
 
-    def ppl() -> float:
-        return perplexity(model, ids, seq_len, batch_size=spec.batch_size).perplexity
-
     base = perplexity(model, ids, seq_len, batch_size=spec.batch_size)
     say = echo or (lambda line: log.info("%s", line))
     say(
@@ -283,9 +308,13 @@ def scan_model(
             for setting in settings:
                 new = _compress(setting, original, stats.get(name))
                 weight.copy_(new.to(weight.dtype))
-                value = ppl()
+                measured = perplexity(model, ids, seq_len, batch_size=spec.batch_size)
+                value = measured.perplexity
                 done += 1
                 delta = value - base.perplexity
+                diff = perplexity_difference(
+                    measured.window_nll, base.window_nll, base.window_tokens
+                )
                 result.rows.append(
                     {
                         "layer": name,
@@ -298,6 +327,9 @@ def scan_model(
                         "simulated": setting.simulated,
                         "perplexity": value,
                         "delta": delta if math.isfinite(value) else float("inf"),
+                        # paired bootstrap 95% interval over the scan's windows
+                        "delta_lo": diff.lo if math.isfinite(value) else float("inf"),
+                        "delta_hi": diff.hi if math.isfinite(value) else float("inf"),
                         "ratio": value / base.perplexity,
                     }
                 )

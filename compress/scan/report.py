@@ -25,6 +25,8 @@ COLUMNS = [
     "simulated",
     "perplexity",
     "delta",
+    "delta_lo",
+    "delta_hi",
     "ratio",
 ]
 
@@ -89,14 +91,21 @@ def heatmap_svg(result: ScanResult) -> str:
             out.append(
                 f'<rect x="{x}" y="{y}" width="{cell_w - 2}" height="{cell_h - 2}" '
                 f'fill="{fill}"><title>{esc(layer)} / {esc(s)}: perplexity '
-                f"{r['perplexity']:.3f} ({r['delta']:+.3f})</title></rect>"
+                f"{r['perplexity']:.3f} ({r['delta']:+.3f}, 95% interval "
+                f"[{r['delta_lo']:+.3f}, {r['delta_hi']:+.3f}])</title></rect>"
             )
             out.append(
                 f'<text x="{x + cell_w / 2}" y="{y + cell_h / 2 + 4}" text-anchor="middle" '
-                f'fill="{text}">{r["delta"]:+.3f}</text>'
+                f'fill="{text}">{_delta_text(r)}</text>'
             )
     out.append("</svg>")
     return "".join(out)
+
+
+def _delta_text(row: dict) -> str:
+    """The increase, with ``~`` when its interval contains 0 (within noise)."""
+    noise = row["delta_lo"] <= 0 <= row["delta_hi"]
+    return f"{row['delta']:+.3f}" + ("~" if noise else "")
 
 
 def _ranking_table(result: ScanResult) -> str:
@@ -113,7 +122,8 @@ def _ranking_table(result: ScanResult) -> str:
     if at is not None:
         head += f"<th>per 1,000 pruned weights at {at:g}</th>"
     for n in sorted(result.layers, key=lambda n: -mean[n]):
-        cells = "".join(f"<td>{result.delta(n, s):+.3f}</td>" for s in result.settings)
+        by = {r["setting"]: r for r in result.rows if r["layer"] == n}
+        cells = "".join(f"<td>{_delta_text(by[s])}</td>" for s in result.settings)
         if at is not None:
             cells += f"<td>{1000 * per[n]:+.3f}</td>"
         rows.append(f"<tr><td>{esc(n)}</td><td>{result.numel[n]:,}</td>{cells}</tr>")
@@ -127,7 +137,9 @@ def _intro(result: ScanResult) -> str:
         f"split (windows of {result.seq_len}) when only one linear layer is compressed, the "
         f"rest of the model untouched. Baseline: {result.baseline_perplexity:.3f}. Each cell "
         "shows the change from the baseline; colour is the ratio on a log scale (white: no "
-        "change, red: the largest increase, blue: a decrease). Quantization columns marked "
+        "change, red: the largest increase, blue: a decrease); ~ marks a change whose paired "
+        "bootstrap 95% interval over the scanned windows contains 0 (within noise). "
+        "Quantization columns marked "
         "(simulated) round weights in float32 on a min-max grid; they measure what rounding "
         "costs, not a kernel.</p>"
     )
@@ -141,10 +153,12 @@ RANKING_NOTE = (
 )
 
 
-def scan_section(result: ScanResult) -> str:
+def scan_section(result: ScanResult, notes: list[str] = ()) -> str:
     """The heat map and the ranking as one fragment, for a run's report."""
+    esc = html.escape
     return (
-        _intro(result)
+        "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
+        + _intro(result)
         + heatmap_svg(result)
         + "<h3>Layers, most sensitive first (mean change over the settings)</h3>"
         + RANKING_NOTE
@@ -167,11 +181,20 @@ def scan_html(result: ScanResult, title: str, notes: list[str]) -> str:
     )
 
 
+def noise_notes(result: ScanResult) -> list[str]:
+    """The scan's warnings: each pruning column where most layers' increases are noise."""
+    notes = (result.noise_note(c["sparsity"]) for c in result.prune_settings())
+    return list(dict.fromkeys(n for n in notes if n))
+
+
 def write_scan(out_dir: Path, result: ScanResult, name: str, meta: dict) -> dict[str, Path]:
     """Write scan.csv, scan.json and scan.html into ``out_dir`` (each atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / f"scan.{k}" for k in ("csv", "json", "html")}
-    notes = [f"{k}: {v}" for k, v in meta.items() if k in ("model", "baseline key", "cache")]
+    notes = [
+        *noise_notes(result),
+        *(f"{k}: {v}" for k, v in meta.items() if k in ("model", "baseline key", "cache")),
+    ]
     atomic.write_text(paths["csv"], _csv(result))
     atomic.write_text(
         paths["json"], json.dumps({**meta, "scan": result.to_dict()}, indent=1, default=str)

@@ -203,3 +203,53 @@ def test_scan_then_run_of_one_recipe_both_succeed_and_the_run_shows_the_scan(
     page = (tmp_path / "reports" / "scanrun" / "report.html").read_text()
     assert "Sensitivity scan of the baseline" in page and "per 1,000 pruned weights" in page
     assert (tmp_path / "reports" / "scanrun-scan" / "scan.html").exists()  # left alone
+
+
+def _result(rows: list[tuple[str, float, float, float]]):
+    from compress.scan.measure import ScanResult
+
+    layers = list(dict.fromkeys(r[0] for r in rows))
+    return ScanResult(
+        baseline_perplexity=30.0,
+        tokens=4096,
+        split="valid",
+        seq_len=128,
+        layers=layers,
+        numel={n: 100 for n in layers},
+        blocks={n: 0 for n in layers},
+        settings=["prune magnitude 0.5"],
+        rows=[
+            {
+                "layer": n,
+                "setting": "prune magnitude 0.5",
+                "kind": "prune",
+                "value": 0.5,
+                "delta": d,
+                "delta_lo": lo,
+                "delta_hi": hi,
+            }
+            for n, d, lo, hi in rows
+        ],
+    )
+
+
+def test_a_scan_of_mostly_noise_says_so_and_a_clear_one_does_not():
+    clear = _result([("a", 2.0, 1.5, 2.5), ("b", 0.5, 0.2, 0.8), ("c", 0.1, -0.1, 0.3)])
+    assert clear.noise_note(0.5) is None
+    noise = _result([("a", 2.0, 1.5, 2.5), ("b", 0.1, -0.2, 0.4), ("c", -0.1, -0.3, 0.1)])
+    note = noise.noise_note(0.5)
+    assert "2 of 3 layers" in note and "within noise" in note and "scan.tokens" in note
+
+
+def test_every_scanned_increase_has_its_interval(tiny_workspace):
+    from compress.scan.measure import scan_model
+    from compress.scan.spec import ScanSpec
+
+    ws = tiny_workspace
+    spec = ScanSpec(tokens=1024, prune={"sparsities": [0.9]}, quantize=None)
+    res = scan_model(ws.baseline, ws.tokens, spec, 64)
+    for r in res.rows:
+        assert r["delta_lo"] <= r["delta"] <= r["delta_hi"]
+        assert r["delta_hi"] > r["delta_lo"]
+    # pruning 90% of a layer is beyond noise for some layers even on the tiny baseline
+    assert any(r["delta_lo"] > 0 for r in res.rows)

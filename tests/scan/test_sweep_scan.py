@@ -17,7 +17,10 @@ def _recipe(**sweep) -> dict:
         "params": {
             "prune": {"choice": [False, True]},
             "sparsity": {"float": [0.2, 0.6], "step": 0.1, "when": {"prune": True}},
-            "allocation": {"choice": ["uniform", "scan", "scan-dense"], "when": {"prune": True}},
+            "allocation": {
+                "choice": ["uniform", "scan", "scan-dense", "scan-optimal"],
+                "when": {"prune": True},
+            },
         },
         "pipeline": [
             {
@@ -46,7 +49,14 @@ def test_a_bad_allocation_choice_names_the_key() -> None:
 def test_scan_seeds_cover_scanned_sparsities_in_range() -> None:
     spec = recipe_from_dict(_recipe(scan_seeds=True), "s.yaml").sweep
     seeds = scan_seed_assignments(spec, [0.3, 0.5, 0.7])
-    assert set(seeds) == {"scan-0.3", "scan-0.5", "scan-dense-0.3", "scan-dense-0.5"}
+    assert set(seeds) == {
+        "scan-0.3",
+        "scan-0.5",
+        "scan-dense-0.3",
+        "scan-dense-0.5",
+        "scan-optimal-0.3",
+        "scan-optimal-0.5",
+    }
     assert seeds["scan-0.5"] == {"prune": True, "sparsity": 0.5, "allocation": "scan"}
     assert resolve(spec, seeds["scan-dense-0.3"]) == [
         {"prune": {"sparsity": 0.3, "allocation": "scan-dense"}}
@@ -74,5 +84,5 @@ def test_the_sweep_builds_its_scan_seeds_from_the_baseline_scan(tiny_workspace) 
     worker = types.SimpleNamespace(ws=ws, spec=recipe.sweep, progress=False)
     seeds = scan_seeds(worker, said.append)
     # 0.9 is outside the sparsity range [0.2, 0.6]: only 0.4 makes seeds
-    assert set(seeds) == {"scan-0.4", "scan-dense-0.4"}
-    assert "2 seed(s)" in said[-1]
+    assert set(seeds) == {"scan-0.4", "scan-dense-0.4", "scan-optimal-0.4"}
+    assert "3 seed(s)" in said[-1]
