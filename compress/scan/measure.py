@@ -101,24 +101,37 @@ class ScanResult:
         raise KeyError((layer, setting))
 
     def noise_note(self, sparsity: float) -> str | None:
-        """A warning when most layers' increases at the scanned pruning sparsity nearest
-        ``sparsity`` are within noise: the scan then cannot tell the layers apart there, and
-        an allocation built from it may do no better than uniform pruning (an undertrained
-        model, or too few scan tokens)."""
+        """A warning when the scan cannot rank the layers at the scanned pruning sparsity
+        nearest ``sparsity``, so an allocation built from it may do no better than uniform
+        pruning: most layers' increases are not clear increases (their intervals reach 0 or
+        below), or a quarter or more of the layers, pruned alone, *lower* the perplexity beyond
+        noise (a model that is not trained out: its single-layer changes do not add up)."""
         cols = self.prune_settings()
         if not cols:
             return None
         col = min(cols, key=lambda c: (abs(c["sparsity"] - sparsity), -c["sparsity"]))
-        noisy = [n for n in self.layers if self.within_noise(n, col["setting"])]
-        if 2 * len(noisy) <= len(self.layers):
-            return None
-        return (
-            f"scan: at {col['setting']}, {len(noisy)} of {len(self.layers)} layers' perplexity "
-            f"increases are within noise (their 95% intervals contain 0) on the "
-            f"{self.tokens:,} scanned tokens: the scan cannot rank these layers, and an "
-            "allocation built from it may do no better than uniform pruning (train the model "
-            "further, or scan more tokens: scan.tokens)"
+        rows = {r["layer"]: r for r in self.rows if r["setting"] == col["setting"]}
+        unclear = [n for n in self.layers if rows[n]["delta_lo"] <= 0]
+        lowered = [n for n in self.layers if rows[n]["delta_hi"] < 0]
+        n = len(self.layers)
+        advice = (
+            "the scan cannot rank these layers, and an allocation built from it may do no "
+            "better than uniform pruning (train the model further, or scan more tokens: "
+            "scan.tokens)"
         )
+        if 4 * len(lowered) >= n:
+            return (
+                f"scan: at {col['setting']}, pruning {len(lowered)} of {n} layers alone lowered "
+                f"the perplexity beyond noise on the {self.tokens:,} scanned tokens: the model "
+                f"is likely not trained out and its single-layer changes do not add up; {advice}"
+            )
+        if 2 * len(unclear) > n:
+            return (
+                f"scan: at {col['setting']}, {len(unclear)} of {n} layers' perplexity changes "
+                f"are not clear increases (their 95% intervals reach 0) on the "
+                f"{self.tokens:,} scanned tokens: {advice}"
+            )
+        return None
 
     def prune_settings(self) -> list[dict]:
         """The pruning columns: ``{"setting", "sparsity"}`` in increasing sparsity."""

@@ -234,11 +234,14 @@ def _result(rows: list[tuple[str, float, float, float]]):
 
 
 def test_a_scan_of_mostly_noise_says_so_and_a_clear_one_does_not():
-    clear = _result([("a", 2.0, 1.5, 2.5), ("b", 0.5, 0.2, 0.8), ("c", 0.1, -0.1, 0.3)])
-    assert clear.noise_note(0.5) is None
+    clear = [("a", 2.0, 1.5, 2.5), ("b", 0.5, 0.2, 0.8), ("c", 0.1, -0.1, 0.3)]
+    assert _result([*clear, ("d", 1.0, 0.5, 1.5)]).noise_note(0.5) is None
     noise = _result([("a", 2.0, 1.5, 2.5), ("b", 0.1, -0.2, 0.4), ("c", -0.1, -0.3, 0.1)])
     note = noise.noise_note(0.5)
-    assert "2 of 3 layers" in note and "within noise" in note and "scan.tokens" in note
+    assert "2 of 3 layers" in note and "not clear increases" in note and "scan.tokens" in note
+    # one of four layers lowers perplexity beyond noise when pruned alone: not trained out
+    lowered = _result([*clear, ("d", -0.5, -0.8, -0.2)]).noise_note(0.5)
+    assert "pruning 1 of 4 layers alone lowered" in lowered
 
 
 def test_every_scanned_increase_has_its_interval(tiny_workspace):
