@@ -279,7 +279,7 @@ def write_results(
         + ".",
         "",
         *(
-            f"Warning from the scan: {n}."
+            f"Warning from the scan: {n.removeprefix('scan: ')}."
             for n in dict.fromkeys(scan.noise_note(r["target"]) for r in ok)
             if n
         ),
