@@ -107,9 +107,9 @@ def test_scan_on_hf_families(tiny_workspace, tmp_path):
     """Every linear layer of each Hugging Face family is scanned (GPT-2's Conv1D layers as
     the linear layers they are converted to); untrained models keep this fast."""
     transformers = pytest.importorskip("transformers")
-    from compress.recipe import recipe_from_dict
+    from compress.recipe import VariantSpec, recipe_from_dict
     from compress.scan.workspace import scan_workspace
-    from compress.workbench import prepare
+    from compress.workbench import build_variant, prepare
     from tests.conftest import REPO, hf_recipe
     from tests.hf_models import FAMILIES, config, save_model_dir
 
@@ -129,6 +129,14 @@ def test_scan_on_hf_families(tiny_workspace, tmp_path):
         assert set(res.layers) == linears and len(linears) >= 8, family
         assert len(res.rows) == 2 * len(linears)
         assert max(r["delta"] for r in res.rows) > 0, family
+        # a variant allocates from that scan at exactly the overall sparsity asked for
+        spec = VariantSpec(
+            name="v", pipeline=[{"prune": {"sparsity": 0.5, "allocation": "scan-optimal"}}]
+        )
+        _, (report,) = build_variant(ws, spec, {"baseline": ws.baseline})
+        total = sum(t["shape"][0] * t["shape"][1] for t in report.touched)
+        assert report.extra["pruned_weights"] == round(0.5 * total), family
+        assert len({round(t["sparsity"], 3) for t in report.touched}) > 1, family
 
 
 def test_cli_writes_csv_json_html_and_caches(tiny_recipe_dict, tmp_path, capsys):
