@@ -13,15 +13,16 @@ with patience, the best weights kept) and cached:
   the built-in tokenizer, cached as ``save_pretrained`` directories under the cache dir.
 
 On each: magnitude, Wanda and SparseGPT at 50% and 70% unstructured sparsity and 2:4 (every
-block linear layer), and round-to-nearest against GPTQ at 4 bits on the packed int4 kernel
-(group 128, or the largest kernel group that divides the layers' inputs) and at 3 bits, where
-no kernel exists: there both algorithms' codes are dequantized into float weights by this
-benchmark only, and the rows say "simulated (no 3-bit kernel)". The same simulation at 4 bits
-is measured too, to show how close simulated rows are to the packed ones. All methods see the
-same calibration windows (``--samples`` windows of the train split); perplexity is measured
-on the test split. Latency is the forward latency relative to the dense model, timed
-interleaved with it (median ratio with a bootstrap interval; marked noisy when the interval
-stayed wide); weight bytes are those of the block linear layers as stored. Writes:
+block linear layer), and round-to-nearest against GPTQ and AWQ-style scaling at 4 bits on the
+packed int4 kernel (group 128, or the largest kernel group that divides the layers' inputs) and
+at 3 bits, where no kernel exists: there the algorithms' codes are dequantized into float
+weights by this benchmark only, and the rows say "simulated (no 3-bit kernel)". The same
+simulation at 4 bits is measured too, to show how close simulated rows are to the packed
+ones. All methods see the same calibration windows (``--samples`` windows of the train
+split); perplexity is measured on the test split. Latency is the forward latency relative to
+the dense model, timed interleaved with it (median ratio with a bootstrap interval; marked
+noisy when the interval stayed wide); weight bytes are those of the block linear layers as
+stored. Writes:
 
 - ``benchmarks/results/methods.json``: every row so far (runs restricted with ``--models`` or
   ``--settings`` add theirs; the same row is replaced);
@@ -54,6 +55,7 @@ from _common import today, write_tidy  # noqa: E402
 
 from compress.cache import cache_dir, stable_hash  # noqa: E402
 from compress.compressors import REGISTRY, StageContext, run_stage  # noqa: E402
+from compress.compressors.awq import awq  # noqa: E402
 from compress.compressors.gptq import gptq  # noqa: E402
 from compress.compressors.masks import lowest, lowest_per_row  # noqa: E402
 from compress.compressors.packed import (  # noqa: E402
@@ -79,6 +81,8 @@ from compress.workbench import environment, load_corpus_spec, prepare  # noqa: E
 
 MODELS = ("builtin", "gpt2", "llama")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+QUANT_METHODS = ("rtn", "gptq", "awq")
+CALIBRATED_QUANT = ("gptq", "awq")  # report their layer errors beside round-to-nearest's
 # The comparison group swapped (unstructured settings only): measured by this benchmark.
 ABLATIONS = ("wanda per-layer", "magnitude per-row")
 PRUNE = {"50%": {"sparsity": 0.5}, "70%": {"sparsity": 0.7}, "2:4": {"pattern": "2:4"}}
@@ -298,9 +302,14 @@ def rewrite_blocks(model: torch.nn.Module, ctx: StageContext, new_weight) -> lis
 
 
 def simulated(model: torch.nn.Module, method: str, grid: Grid, ctx: StageContext) -> list[float]:
-    """``method`` (``rtn`` or ``gptq``) codes on ``grid``, dequantized into float32 weights."""
+    """``method`` (``rtn``, ``gptq`` or ``awq``) codes on ``grid``, dequantized into float32
+    weights (AWQ's with its input scale applied)."""
 
     def new_weight(w: torch.Tensor, st) -> torch.Tensor:
+        if method == "awq":
+            fitted = awq(w, st, grid)  # type: ignore[arg-type]
+            new = dequantize(fitted.codes, fitted.scales, fitted.zeros, grid)  # type: ignore[arg-type]
+            return new if fitted.input_scale is None else new * fitted.input_scale
         if method == "gptq":
             codes, scales, zeros = gptq(w, st.H, grid)  # type: ignore[arg-type]
         else:
@@ -362,9 +371,9 @@ def variants(base: Baseline, settings: list[str], group: int):
             model, report = run_stage(method, model, cfg, ctx)
             errs = [t.get("reconstruction_error") for t in report.touched]
             extra = {"bits_per_weight": report.extra["bits_per_weight"]}
-            if method == "gptq":
+            if method in CALIBRATED_QUANT:
                 extra["rtn_layer_error_mean"] = report.extra["rtn_error_mean"]
-            return model, errs if method == "gptq" else [], extra
+            return model, errs if method in CALIBRATED_QUANT else [], extra
 
         return build
 
@@ -390,9 +399,9 @@ def variants(base: Baseline, settings: list[str], group: int):
         else:
             bits = QUANT_BITS[label]
             if bits == 4:
-                for method in ("rtn", "gptq"):
+                for method in QUANT_METHODS:
                     yield method, label, f"packed int4 g{group}", packed(method)
-            for method in ("rtn", "gptq"):
+            for method in QUANT_METHODS:
                 kernel = f"simulated g{group}" + ("" if bits == 4 else " (no 3-bit kernel)")
                 yield method, label, kernel, sim(method, bits)
 
@@ -452,7 +461,7 @@ def merge_rows(rows: list, meta: dict, baselines: dict[str, str]) -> dict:
         order = (
             {m: i for i, m in enumerate(MODELS)},
             {s: i for i, s in enumerate(["-", *SETTINGS])},
-            {m: i for i, m in enumerate(["dense", *PRUNE_METHODS, *ABLATIONS, "rtn", "gptq"])},
+            {m: i for i, m in enumerate(["dense", *PRUNE_METHODS, *ABLATIONS, *QUANT_METHODS])},
         )
         out_rows = sorted(
             merged.values(),
@@ -483,6 +492,8 @@ JUDGED = [
     *[(s, "sparsegpt", "magnitude", False) for s in PRUNE],
     ("4bit", "gptq", "rtn", False),
     ("3bit", "gptq", "rtn", True),
+    ("4bit", "awq", "rtn", False),
+    ("3bit", "awq", "rtn", True),
     *[(s, "wanda", "magnitude", False) for s in PRUNE],
     *[(s, "sparsegpt", "wanda", False) for s in PRUNE],
     *[(s, "wanda per-layer", "magnitude", False) for s in PRUNE],
@@ -605,7 +616,10 @@ def write(data: dict, machine: str) -> None:
         "(bf16 compute); `simulated` rows are the algorithm's codes dequantized into float32 "
         "weights by this benchmark, because no 3-bit kernel exists (the 4-bit simulated rows "
         "show how close simulation is to the kernel). The built-in model's layers have 64 "
-        "inputs, so its groups are 64 wide, not 128.",
+        "inputs, so its groups are 64 wide, not 128. `awq` is this project's AWQ-style "
+        "per-layer scale search (`awq` stage): the scale is kept as a per-channel multiply "
+        "before each packed layer (counted in its bytes), not folded into the layer before, "
+        "and each layer's scale is judged by that layer's output error, not the block's.",
         "",
         "Layer error: mean (max) over the compressed layers of ||WX - W'X||^2 / ||WX||^2 on "
         "the calibration inputs each layer saw (block by block, after the earlier blocks were "

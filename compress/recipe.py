@@ -4,7 +4,7 @@
     model: {preset: small}        # the built-in baseline GPT
     data: {corpus: builtin, vocab_size: 4096}
     train: {max_steps: 700}       # baseline training; cached under a key of all inputs
-    calibration: {split: train, samples: 128, seed: 0}   # for wanda/sparsegpt/gptq stages
+    calibration: {split: train, samples: 128, seed: 0}   # for wanda/sparsegpt/gptq/awq stages
     eval:
       perplexity: {split: test, seq_len: 256, stride: 256}
       latency: {batch_size: 8, seq_len: 256, threads: 2}

@@ -6,6 +6,7 @@ Importing this package registers the built-in compressors.
 from __future__ import annotations
 
 from compress.compressors import (
+    awq,  # noqa: F401  (registers awq)
     distill,  # noqa: F401  (registers distill)
     dynamic_int8,  # noqa: F401  (registers dynamic-int8)
     finetune,  # noqa: F401  (registers finetune)

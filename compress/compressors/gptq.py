@@ -24,6 +24,7 @@ and the error round-to-nearest (the ``rtn`` stage's grid) gets on the same input
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -145,43 +146,75 @@ def apply_gptq(
     model: nn.Module, cfg: GPTQConfig, ctx: StageContext
 ) -> tuple[nn.Module, StageReport]:
     """GPTQ int4/int8 weights fitted to calibration activations, on packed CPU kernels."""
+
+    def fit(w: torch.Tensor, st: InputStats, spec: PackedSpec) -> Fitted:
+        codes, scales, zeros = gptq(w, st.H, spec, cfg.blocksize, cfg.damp, cfg.act_order)
+        return Fitted(codes, scales, zeros)
+
+    return calibrated_packed(model, cfg, ctx, KIND, fit)
+
+
+@dataclasses.dataclass
+class Fitted:
+    """One layer's result: plain codes, scales, zeros (see :mod:`~compress.compressors.packed`)
+    and the input scale the layer multiplies its input by, if any."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    input_scale: torch.Tensor | None = None
+    extra: dict = dataclasses.field(default_factory=dict)  # per-layer facts for the report
+
+
+def calibrated_packed(
+    model: nn.Module,
+    cfg: RTNConfig,
+    ctx: StageContext,
+    kind: str,
+    fit: Callable[[torch.Tensor, InputStats, PackedSpec], Fitted],
+) -> tuple[nn.Module, StageReport]:
+    """The calibrated weight-only stages (GPTQ, AWQ): every targeted block linear layer is
+    fitted by ``fit`` on its calibration inputs, block by block, and becomes a packed layer;
+    each reports its output error and round-to-nearest's on the same inputs."""
     device = model_device(model)
     if device.type != "cpu":
         raise CompressError(
-            f"{KIND}: the packed int4/int8 kernels run on the CPU only, not {device}"
+            f"{kind}: the packed int4/int8 kernels run on the CPU only, not {device}"
         )
     try:
         layout = adapter_for(model).layout(model)
     except LayoutError as exc:
-        raise CompressError(f"{KIND}: {exc}") from None
+        raise CompressError(f"{kind}: {exc}") from None
     spec = cfg.spec()
-    sel = select_modules(model, (nn.Linear,), cfg.targets, cfg.ignore, stage=KIND)
+    sel = select_modules(model, (nn.Linear,), cfg.targets, cfg.ignore, stage=kind)
     for name, lin in sel.selected:  # refuse before any work
         if problem := shape_problem(spec, lin.out_features, lin.in_features):
-            raise CompressError(f"{KIND}: {name} ({lin.out_features}x{lin.in_features}): {problem}")
+            raise CompressError(f"{kind}: {name} ({lin.out_features}x{lin.in_features}): {problem}")
     by_block, outside = block_linears(layout, [n for n, _ in sel.selected])
     if outside:
         raise CompressError(
-            f"{KIND}.targets: {outside[0]} is in no transformer block; gptq quantizes the "
+            f"{kind}.targets: {outside[0]} is in no transformer block; {kind} quantizes the "
             "blocks' linear layers only (leave it out with ignore)"
         )
-    calib = merge(ctx.calibration, cfg.calibration)
+    calib = merge(ctx.calibration, getattr(cfg, "calibration", None))
     max_len = adapter_for(model).max_seq_len(model)
-    ids = calibration_windows(ctx.tokens, calib, max_len, ctx.fingerprint, stage=KIND)
-    report = StageReport(stage=KIND, config=cfg.model_dump(), skipped=sel.skipped)
+    ids = calibration_windows(ctx.tokens, calib, max_len, ctx.fingerprint, stage=kind)
+    report = StageReport(stage=kind, config=cfg.model_dump(), skipped=sel.skipped)
     errors: dict[str, tuple[float, float]] = {}
-    quant = {"kind": KIND, **spec.to_dict()}
+    extras: dict[str, dict] = {}
+    quant = {"kind": kind, **spec.to_dict()}
 
     def quantize_block(block: BlockLayout, stats: dict[str, InputStats]) -> None:
         for name, st in stats.items():
             lin = model.get_submodule(name)
             w = lin.weight.detach().float()
-            codes, scales, zeros = gptq(w, st.H, spec, cfg.blocksize, cfg.damp, cfg.act_order)
-            packed = pack_linear(codes, scales, zeros, spec, lin.bias)
+            got = fit(w, st, spec)
+            packed = pack_linear(got.codes, got.scales, got.zeros, spec, lin.bias, got.input_scale)
             errors[name] = (
                 output_error(w, packed.dequantize(), st.H),
                 output_error(w, _rtn(w, spec), st.H),
             )
+            extras[name] = got.extra
             convert_linears(model, [(name, lin)], lambda _lin, p=packed: p, quant, report)
 
     run_sequential(model, layout, ids, by_block, quantize_block, BATCH_SIZE)
@@ -189,6 +222,7 @@ def apply_gptq(
     for t in report.touched:
         err, rtn_err = errors[t["module"]]
         t["reconstruction_error"], t["rtn_error"] = err, rtn_err
+        t.update(extras[t["module"]])
         weights += t["shape"][0] * t["shape"][1]
         bias = model.get_submodule(t["module"]).bias
         bias_bytes += bias.nbytes if bias is not None else 0
@@ -199,7 +233,7 @@ def apply_gptq(
     ) + f" ({spec.compute_dtype})"
     report.extra["calibration"] = {
         **calib.model_dump(),
-        "seq_len": resolve_seq_len(calib, max_len, KIND),
+        "seq_len": resolve_seq_len(calib, max_len, kind),
         "tokens": ids.numel(),
     }
     if errors:

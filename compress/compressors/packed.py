@@ -38,6 +38,11 @@ n_groups)`` in ``compute_dtype`` (the zeros' integer values; 8 for symmetric); 8
 int8 ``(out, in)`` and ``scales`` ``(out, 1)``; then ``bias`` (in its own dtype) if any. That is
 what a saved variant stores and what ``compress.evaluate.memory`` counts; loading repacks it,
 which is deterministic, so a reloaded layer computes bit-identical outputs.
+
+A layer may also hold an ``input_scale`` (float32, ``(in_features,)``): its input is multiplied
+by it before the kernel, so it computes ``x @ (dequant(W) * input_scale).T`` (AWQ's per-channel
+scaling, :mod:`compress.compressors.awq`, kept as one multiply instead of folded into the layer
+before). It is saved and counted with the rest.
 """
 
 from __future__ import annotations
@@ -219,6 +224,7 @@ class PackedLinear(nn.Module):
         qweight: torch.Tensor,
         qparams: torch.Tensor,
         bias: torch.Tensor | None,
+        input_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -227,6 +233,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("qweight", qweight)  # the kernel's layout
         self.register_buffer("qparams", qparams)  # 4-bit: (G, N, 2) scale, offset; 8-bit: (N,)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.input_scale: torch.Tensor | None
+        self.register_buffer("input_scale", input_scale)  # (in,) float32, or None
 
     def _get_name(self) -> str:
         return f"PackedInt{self.spec.bits}Linear"
@@ -236,6 +244,7 @@ class PackedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
             f"group_size={s.group_size}, symmetric={s.symmetric}, compute={s.compute_dtype}"
+            + (", input_scale" if self.input_scale is not None else "")
         )
 
     @property
@@ -247,6 +256,8 @@ class PackedLinear(nn.Module):
         if x.device.type != "cpu":
             raise RuntimeError(f"{self._get_name()} runs on the CPU only, got input on {x.device}")
         shape = x.shape  # (..., in)
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
         a = x.reshape(-1, self.in_features).to(self.spec.dtype).contiguous()  # (M, in)
         if self.spec.bits == 4:
             group = self.spec.group_size or self.in_features
@@ -291,6 +302,8 @@ class PackedLinear(nn.Module):
             }
         if self.bias is not None:
             out["bias"] = self.bias.detach()
+        if self.input_scale is not None:
+            out["input_scale"] = self.input_scale.detach()
         return out
 
     def zero_weights(self) -> int:
@@ -302,10 +315,11 @@ class PackedLinear(nn.Module):
         return int((codes == zeros.repeat_interleave(group, dim=1)).sum())
 
     def dequantize(self) -> torch.Tensor:
-        """float32 weights (N, K) of the plain form: the reference this layer's kernel computes
-        with (up to compute_dtype rounding of activations, outputs and group offsets)."""
+        """float32 weights (N, K) this layer computes with, the input scale applied (up to
+        compute_dtype rounding of activations, outputs and group offsets)."""
         codes, scales, zeros = self.plain()
-        return dequantize(codes, scales, zeros, self.spec)
+        w = dequantize(codes, scales, zeros, self.spec)
+        return w if self.input_scale is None else w * self.input_scale.float()
 
 
 def _check_plain(
@@ -340,9 +354,11 @@ def pack_linear(
     zeros: torch.Tensor | None,
     spec: PackedSpec,
     bias: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
 ) -> PackedLinear:
     """A :class:`PackedLinear` from integer codes, per-group scales and zero points (the
-    conventions are in the module docstring), packed for the kernel of ``spec.bits``.
+    conventions are in the module docstring), packed for the kernel of ``spec.bits``, with
+    its input multiplied by ``input_scale`` (``(in_features,)``, positive) when given.
 
     Raises :class:`CompressError` (one line) when no kernel takes this shape and spec, and
     ``ValueError``/``TypeError`` for tensors that break the conventions.
@@ -366,20 +382,28 @@ def pack_linear(
         qparams = torch.stack((scale, offset), dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
     if bias is not None:
         bias = bias.detach().to("cpu").clone()
-    return PackedLinear(in_features, out_features, spec, qweight, qparams, bias)
+    if input_scale is not None:
+        input_scale = input_scale.detach().to("cpu", torch.float32).clone()
+        if input_scale.shape != (in_features,):
+            raise ValueError(
+                f"input_scale: expected shape {(in_features,)}, got {input_scale.shape}"
+            )
+        if not (torch.isfinite(input_scale).all() and (input_scale > 0).all()):
+            raise ValueError("input_scale must be positive and finite")
+    return PackedLinear(in_features, out_features, spec, qweight, qparams, bias, input_scale)
 
 
 def from_plain(tensors: dict[str, torch.Tensor], spec: PackedSpec) -> PackedLinear:
     """The layer whose :meth:`PackedLinear.plain_tensors` are ``tensors`` (used at load)."""
     codes, scales = tensors["codes"], tensors["scales"].to(torch.float32)
-    bias = tensors.get("bias")
+    bias, scale_in = tensors.get("bias"), tensors.get("input_scale")
     if spec.bits == 8:
-        return pack_linear(codes, scales, None, spec, bias)
+        return pack_linear(codes, scales, None, spec, bias, scale_in)
     u4 = unpack_pairs(codes).to(torch.int16)
     if spec.symmetric:
-        return pack_linear(u4 - SYMMETRIC_ZERO, scales, None, spec, bias)
+        return pack_linear(u4 - SYMMETRIC_ZERO, scales, None, spec, bias, scale_in)
     zeros = tensors["zeros"].to(torch.float32).round().to(torch.int16)
-    return pack_linear(u4, scales, zeros, spec, bias)
+    return pack_linear(u4, scales, zeros, spec, bias, scale_in)
 
 
 def dequantize(

@@ -33,16 +33,24 @@ log = logging.getLogger(__name__)
 
 
 class InputStats:
-    """``H = sum x x^T`` (float32) over the input rows ``x`` a linear layer has seen."""
+    """``H = sum x x^T`` (float32) and ``sum |x|`` per column over the input rows ``x`` a
+    linear layer has seen."""
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, self.H.shape[0]).to(torch.float32)  # (rows, in)
         self.H.addmm_(x.t(), x)
+        self.abs_sum += x.abs().sum(0)
         self.rows += x.shape[0]
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        """Mean ``|x_j|`` per input column ``j`` (AWQ's activation magnitude)."""
+        return self.abs_sum / max(self.rows, 1)
 
     @property
     def sq_norms(self) -> torch.Tensor:

@@ -146,6 +146,7 @@ _PHRASES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "dynamic-int8": _dynamic,
     "rtn": _weight_only("rtn"),
     "gptq": _weight_only("gptq"),
+    "awq": _weight_only("awq"),
 }
 
 
