@@ -112,3 +112,22 @@ def test_an_awq_variant_saves_and_loads_with_its_input_scales(tiny_workspace, tm
     x = ws.tokens["test"][:256].view(2, 128)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x))
+
+
+def test_clipping_search_lowers_the_error_of_heavy_tailed_weights():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 256, generator=g)
+    w[torch.rand(64, 256, generator=g) < 0.01] *= 12  # a few large weights stretch each grid
+    x = torch.randn(2048, 256, generator=g)
+    st = InputStats(256)
+    st.add(x)
+    spec = PackedSpec(4, 128, False, "float32")
+
+    def error(f):
+        new = dequantize(f.codes, f.scales, f.zeros, spec)
+        return output_error(w, new if f.input_scale is None else new * f.input_scale, st.H)
+
+    plain = awq(w, st, spec, grid=4, clip=False)
+    clipped = awq(w, st, spec, grid=4, clip=True)
+    assert clipped.extra["awq_clipped_groups"] > 0
+    assert error(clipped) < 0.97 * error(plain)
