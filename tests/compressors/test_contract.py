@@ -23,6 +23,12 @@ FAST_SETTINGS: dict[str, dict] = {
     "structured": {"ratio": 0.5},
     "rtn": {"group_size": 64},  # the tiny model's 64-wide layers
     "gptq": {"group_size": 64, "calibration": {"samples": 16, "seq_len": 64}},
+    "awq": {
+        "group_size": 64,
+        "grid": 5,
+        "clip_grid": 5,
+        "calibration": {"samples": 16, "seq_len": 64},
+    },
     "prune": {"calibration": {"samples": 16, "seq_len": 64}},
 }
 
@@ -130,7 +136,7 @@ def hf_settings(name: str, family: str) -> dict:
     settings = dict(FAST_SETTINGS.get(name, {}))
     if name == "structured" and family in ("gpt2", "opt"):
         settings["prune_heads"] = False  # their configs cannot describe fewer heads
-    if name in ("rtn", "gptq"):
+    if name in ("rtn", "gptq", "awq"):
         settings["group_size"] = 32
         if family == "llama":  # its MLP is 176 wide: no int4 group size divides it
             settings["ignore"] = ["lm_head", "down_proj"]
@@ -147,6 +153,7 @@ MAX_PPL_RATIO = {
     "fp4": 1.2,
     "rtn": 1.1,
     "gptq": 1.1,
+    "awq": 1.1,
     "prune": 2.0,
     "structured": 4.0,
     "distill": 1.05,
