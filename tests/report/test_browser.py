@@ -118,3 +118,48 @@ def test_page_layout_in_the_browser(browser, report: Path) -> None:
     assert found["pageOverflow"] <= 0
     assert found["tableScrolls"] == "auto" and found["boxRight"] <= 1000
     page.close()
+
+
+def test_scan_page_has_no_console_errors_and_draws_its_heat_map(browser, tmp_path: Path) -> None:
+    from compress.scan.measure import ScanResult
+    from compress.scan.report import write_scan
+
+    layers = [f"blocks.{i}.mlp.fc_in" for i in range(3)]
+    settings = ["prune magnitude 0.5", "prune magnitude 0.7"]
+    rows = [
+        {
+            "layer": n,
+            "block": i,
+            "numel": 100,
+            "setting": s,
+            "kind": "prune",
+            "method": "magnitude",
+            "value": v,
+            "simulated": False,
+            "perplexity": 30 + i + v,
+            "delta": i + v,
+            "delta_lo": i + v - 0.6,
+            "delta_hi": i + v + 0.6,
+            "ratio": (30 + i + v) / 30,
+        }
+        for i, n in enumerate(layers)
+        for s, v in zip(settings, (0.5, 0.7))
+    ]
+    result = ScanResult(
+        30.0,
+        4096,
+        "valid",
+        128,
+        layers,
+        {n: 100 for n in layers},
+        {n: i for i, n in enumerate(layers)},
+        settings,
+        rows,
+    )
+    paths = write_scan(tmp_path, result, "s", {"model": "m"})
+    page, problems = load(browser, paths["html"])
+    assert problems == []
+    cells = page.evaluate("() => document.querySelectorAll('svg rect').length")
+    assert cells >= len(rows)
+    assert "~" in page.inner_text("table")  # block 0 at 0.5: its interval reaches 0
+    page.close()
