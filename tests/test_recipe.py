@@ -40,8 +40,8 @@ def _err(data) -> str:
         ({"data": {"corpus": "files"}}, "data: corpus 'files' needs a non-empty 'files'"),
         (
             {"variants": [{"name": "a", "pipeline": [{"int9": {}}]}]},
-            "variants[0].pipeline[0]: unknown compressor 'int9'; allowed: distill, dynamic-int8, "
-            "finetune, fp4, gptq, int8, nf4, prune, rtn, structured",
+            "variants[0].pipeline[0]: unknown compressor 'int9'; allowed: awq, distill, "
+            "dynamic-int8, finetune, fp4, gptq, int8, nf4, prune, rtn, structured",
         ),
         (
             {"variants": [{"name": "a", "pipeline": [{"int8": {"threshold": -1}}]}]},
