@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 2  # bump when the cached result's meaning changes (2: each delta's interval)
 STAGE = "scan"
+BROKEN = 1e12  # the increase an allocation reads where pruning made the perplexity infinite
 Echo = Callable[[str], None]
 
 
@@ -150,8 +151,12 @@ class ScanResult:
             raise CompressError(
                 "scan.prune: the scan has no pruning settings to allocate sparsity from"
             )
+
+        def finite(d: float) -> float:  # a broken model (perplexity overflowed) costs most
+            return d if math.isfinite(d) else BROKEN
+
         return {
-            layer: [(c["sparsity"], self.delta(layer, c["setting"])) for c in cols]
+            layer: [(c["sparsity"], finite(self.delta(layer, c["setting"]))) for c in cols]
             for layer in self.layers
         }
 

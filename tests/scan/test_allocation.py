@@ -202,3 +202,17 @@ def test_a_run_variant_allocates_from_the_scan_of_its_baseline(tiny_workspace, t
     assert row["sparsity"] == 0.0 and report.extra["allocation"] == "scan-dense"
     total = sum(t["shape"][0] * t["shape"][1] for t in report.touched)
     assert report.extra["pruned_weights"] == round(0.5 * total)
+
+
+def test_a_layer_that_breaks_the_model_is_pruned_last():
+    from tests.scan.test_scan import _result
+
+    res = _result([("a", 0.5, 0.4, 0.6), ("b", 0.2, 0.1, 0.3)])
+    for r in res.rows:  # pruning "a" alone overflowed the perplexity
+        if r["layer"] == "a":
+            r["delta"] = r["delta_lo"] = r["delta_hi"] = float("inf")
+    curves = res.curves()
+    assert all(d < float("inf") for _, d in curves["a"])
+    counts = optimal_allocation({"a": 100, "b": 100}, curves, 0.25)
+    assert counts == {"a": 0, "b": 50}
+    assert dense_allocation({"a": 100, "b": 100}, curves, 0.25, 1) == {"a": 0, "b": 50}
