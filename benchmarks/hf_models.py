@@ -122,9 +122,21 @@ STRUCTURED = {
     "llama": {"ratio": 0.3},
 }
 
+# Recovery training for the distill rows; the keys left out are the recipe's (none given here,
+# so compress's defaults).
+RECOVER_TRAIN = {
+    "max_steps": 60,
+    "seq_len": 64,
+    "lr": 1e-3,
+    "warmup_steps": 20,
+    "weight_decay": 0.0,
+    "eval_every": 50,
+    "eval_batches": 4,
+}
+
 
 def recipe(family: str, model_dir: Path) -> dict:
-    recover = {"teacher": "baseline", "max_steps": 60, "seq_len": 64, "early_stop_patience": None}
+    recover = {"teacher": "baseline", "train": RECOVER_TRAIN}
     return {
         "name": f"hf-{family}",
         "device": "cpu",
@@ -147,7 +159,13 @@ def recipe(family: str, model_dir: Path) -> dict:
             {
                 "name": "student-distilled",
                 "pipeline": [
-                    {"distill": {**recover, "student": STUDENT[family], "max_steps": 120}}
+                    {
+                        "distill": {
+                            **recover,
+                            "student": STUDENT[family],
+                            "train": {**RECOVER_TRAIN, "max_steps": 120},
+                        }
+                    }
                 ],
             },
         ],

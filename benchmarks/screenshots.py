@@ -73,7 +73,7 @@ variants:
   - name: prune50-distill-int8
     from: prune50
     pipeline:
-      - distill: {max_steps: 30, eval_every: 15, eval_batches: 1, seq_len: 64}
+      - distill: {train: {max_steps: 30, eval_every: 15, eval_batches: 1, seq_len: 64}}
       - int8: {}
   - name: nf4
     pipeline:

@@ -214,8 +214,8 @@ class Recipe(Strict):
 
 
 def stage_seq_lens(recipe: Recipe) -> list[tuple[str, int]]:
-    """``(key path, n)`` of every integer ``seq_len`` a pipeline stage asks for (distillation
-    trains on windows of it): in the variants, and in a sweep's pipeline template."""
+    """``(key path, n)`` of every integer ``train.seq_len`` a pipeline stage asks for (distill
+    and finetune train on windows of it): in the variants, and in a sweep's pipeline template."""
     found: list[tuple[str, int]] = []
     pipelines = [(f"variants[{i}].pipeline", v.pipeline) for i, v in enumerate(recipe.variants)]
     if recipe.sweep is not None:
@@ -223,9 +223,10 @@ def stage_seq_lens(recipe: Recipe) -> list[tuple[str, int]]:
     for where, pipeline in pipelines:
         for j, item in enumerate(pipeline):
             for name, settings in item.items():
-                n = settings.get("seq_len") if isinstance(settings, dict) else None
+                train = settings.get("train") if isinstance(settings, dict) else None
+                n = train.get("seq_len") if isinstance(train, dict) else None
                 if isinstance(n, int) and not isinstance(n, bool):
-                    found.append((f"{where}[{j}].{name}.seq_len", n))
+                    found.append((f"{where}[{j}].{name}.train.seq_len", n))
     return found
 
 

@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from compress.cache import stable_hash
 from compress.compressors import StageContext, StageReport, run_stage
+from compress.compressors.training import TrainingStageConfig
 from compress.control import (
     Control,
     control_key,
@@ -475,8 +476,9 @@ def control_for(ws: Workspace, stages: list[Stage]) -> tuple[list[Stage], str] |
     resolved = []
     for stage in ctl:
         extra: dict = {}
-        if stage.name == "finetune":  # what the stage leaves to the run
+        if isinstance(stage.config, TrainingStageConfig):  # what the stage leaves to the run
             extra["train"] = dataclasses.asdict(stage.config.train_config(train_config(ws.recipe)))
+        if stage.name == "finetune":
             if stage.config.data is not None:
                 extra["data_tokens"] = tokens_fingerprint(ws.load_tokens(stage.config.data))
         resolved.append(extra)

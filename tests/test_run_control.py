@@ -15,10 +15,7 @@ from compress import workbench
 from compress.control import control_stages, entry_path
 from compress.recipe import recipe_from_dict, variant_stages
 
-DISTILL = {
-    "teacher": "baseline",
-    "alpha": 0.5,
-    "temperature": 2.0,
+TRAIN = {
     "max_steps": 8,
     "batch_size": 4,
     "seq_len": 64,
@@ -28,6 +25,8 @@ DISTILL = {
     "eval_batches": 1,
     "early_stop_patience": None,
 }
+DISTILL = {"teacher": "baseline", "alpha": 0.5, "temperature": 2.0, "train": TRAIN}
+CHANGES = ({"max_steps": 9}, {"lr": 0.001}, {"seq_len": 32})
 
 
 def _recipe(tiny_recipe_dict: dict) -> dict:
@@ -128,7 +127,9 @@ def test_second_run_reads_the_control_from_the_cache(control_runs):
 
 def test_a_damaged_control_entry_is_trained_again(tiny_workspace, caplog):
     ws = tiny_workspace
-    stages, key = workbench.control_for(ws, _stages([{"distill": {**DISTILL, "max_steps": 3}}]))
+    stages, key = workbench.control_for(
+        ws, _stages([{"distill": {**DISTILL, "train": {**TRAIN, "max_steps": 3}}}])
+    )
     first = workbench.build_control(ws, stages, key)
     weights = entry_path(key) / "model.safetensors"
     assert weights.is_file()
@@ -158,16 +159,27 @@ def test_control_stages_train_the_baseline_the_same_way(tiny_workspace):
     cfg = stages[0].config
     assert cfg.student == "current" and cfg.teacher == "baseline"
     assert cfg.keep_sparsity is False
-    assert (cfg.max_steps, cfg.lr, cfg.seq_len, cfg.alpha) == (8, 0.003, 64, 0.5)
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.train.seq_len, cfg.alpha) == (8, 0.003, 64, 0.5)
+    assert cfg.given_train() == TRAIN  # still only what was given: the rest is the run's
     assert control_stages(_stages([{"prune": {"sparsity": 0.5}}, {"int8": {}}])) == []
     ws = tiny_workspace
     key = workbench.control_for(ws, _stages([{"distill": DISTILL}]))[1]
     # keep_sparsity means nothing for the uncompressed baseline: the same control
     same = {**DISTILL, "keep_sparsity": False}
     assert workbench.control_for(ws, _stages([{"distill": same}]))[1] == key
-    for change in ({"max_steps": 9}, {"lr": 0.001}, {"alpha": 1.0}, {"seq_len": 32}):
-        other = {**DISTILL, **change}
-        assert workbench.control_for(ws, _stages([{"distill": other}]))[1] != key, change
+    others = [{**DISTILL, "train": {**TRAIN, **change}} for change in CHANGES]
+    others.append({**DISTILL, "alpha": 1.0})
+    for other in others:
+        assert workbench.control_for(ws, _stages([{"distill": other}]))[1] != key, other
+    # a training key left out takes the run's value, so the key follows the run's value
+    other_run = copy.copy(ws)
+    other_run.recipe = ws.recipe.model_copy(
+        update={"train": ws.recipe.train.model_copy(update={"lr": 1e-4})}
+    )
+    no_lr = {**DISTILL, "train": {k: v for k, v in TRAIN.items() if k != "lr"}}
+    for stage, same_key in ((DISTILL, True), (no_lr, False)):
+        keys = [workbench.control_for(w, _stages([{"distill": stage}]))[1] for w in (ws, other_run)]
+        assert (keys[0] == keys[1]) is same_key, stage
     ft = workbench.control_for(ws, _stages([{"finetune": {"train": {"max_steps": 8}}}]))
     assert ft is not None and ft[1] != key
     two = workbench.control_for(

@@ -4,7 +4,9 @@ The loss is ``alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher_T || 
 over next-token distributions softened by temperature ``T`` (Hinton et al., 2015), per token.
 Training is the project's one loop (:func:`compress.train.train`): AdamW, warm-up + cosine,
 gradient clipping, optional bf16 autocast, a budget in steps and/or minutes, early stopping on
-validation cross-entropy (best weights restored), progress bar.
+validation cross-entropy (best weights restored), progress bar. ``train`` takes the keys of the
+recipe's ``train`` section; every key left out takes the recipe's value, e.g.
+``distill: {teacher: baseline, train: {max_steps: 300, lr: 1e-3, early_stop_patience: 3}}``.
 
 ``student: current`` recovers the model coming out of the previous stages (e.g. after pruning);
 weights that are exactly zero stay zero (``keep_sparsity``), so the recovered model keeps its
@@ -16,40 +18,49 @@ any variant built earlier in the run.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from compress.compressors.base import StageConfig, StageContext, StageReport, register
-from compress.compressors.training import all_trainable, sparsity_keeper, trainable_parameters
+from compress.compressors.base import StageContext, StageReport, register
+from compress.compressors.training import (
+    TrainingStageConfig,
+    all_trainable,
+    sparsity_keeper,
+    trainable_parameters,
+)
 from compress.errors import CompressError
 from compress.models.adapter import adapter_for, families
 from compress.models.builtin import STUDENT_FIELDS as BUILTIN_STUDENT_FIELDS
-from compress.train import TrainConfig, estimate_loss, lm_loss, train
+from compress.settings import TrainSpec
+from compress.train import estimate_loss, lm_loss, train
 
 
-class DistillConfig(StageConfig):
+class DistillConfig(TrainingStageConfig):
     teacher: str = "baseline"
     student: Literal["current"] | dict[str, int] = "current"
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the label cross-entropy")
     temperature: float = Field(2.0, gt=0.0)
     keep_sparsity: bool = True
-    max_steps: int = Field(200, ge=1)
-    max_minutes: float | None = Field(None, gt=0)
-    batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(128, ge=8)
-    lr: float = Field(1e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    bf16: bool = False
-    eval_every: int = Field(50, ge=1)
-    eval_batches: int = Field(4, ge=1)
-    early_stop_patience: int | None = Field(3, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _training_keys_nest(cls, data: Any) -> Any:
+        # Earlier recipes gave distill's training keys flat, with distill's own defaults; they
+        # now go under ``train`` and default to the recipe's. Name the move, not "unknown key".
+        if isinstance(data, dict):
+            flat = [k for k in data if k in TrainSpec.model_fields]
+            if flat:
+                given = ", ".join(f"{k}: {data[k]}" for k in flat)
+                raise ValueError(
+                    f"{', '.join(flat)}: training settings go under train, e.g. "
+                    f"distill: {{train: {{{given}}}}}; keys left out take the recipe's train "
+                    "settings"
+                )
+        return data
 
     @field_validator("student")
     @classmethod
@@ -68,10 +79,6 @@ class DistillConfig(StageConfig):
             if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v.values()):
                 raise ValueError("student sizes must be positive integers")
         return v
-
-    def train_config(self, seed: int) -> TrainConfig:
-        fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"}
-        return TrainConfig(**{k: v for k, v in self.model_dump().items() if k in fields}, seed=seed)
 
 
 def student_fields() -> tuple[str, ...]:
@@ -127,7 +134,7 @@ def apply_distill(
         masked, keep_zeros = sparsity_keeper(params)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    train_cfg = cfg.train_config(ctx.seed)
+    train_cfg = cfg.train_config(ctx.train)
     before = estimate_loss(student, ctx.tokens["valid"], train_cfg, lm_loss)
     curve: list[dict] = []
     with all_trainable(params):
@@ -156,6 +163,7 @@ def apply_distill(
     report.extra.update(
         teacher=cfg.teacher,
         student="current" if cfg.student == "current" else dict(cfg.student),
+        train=dataclasses.asdict(train_cfg),  # the settings used, the run's filled in
         val_loss_before=before,
         val_loss_after=estimate_loss(student, ctx.tokens["valid"], train_cfg, lm_loss),
         steps=result.steps,

@@ -16,18 +16,22 @@ from __future__ import annotations
 import dataclasses
 
 import torch.nn as nn
-from pydantic import field_serializer, field_validator
+from pydantic import field_validator
 
-from compress.compressors.base import StageConfig, StageContext, StageReport, register
-from compress.compressors.training import all_trainable, sparsity_keeper, trainable_parameters
+from compress.compressors.base import StageContext, StageReport, register
+from compress.compressors.training import (
+    TrainingStageConfig,
+    all_trainable,
+    sparsity_keeper,
+    trainable_parameters,
+)
 from compress.errors import CompressError
-from compress.settings import DataSpec, TrainSpec
-from compress.train import TrainConfig, estimate_loss, train
+from compress.settings import DataSpec
+from compress.train import estimate_loss, train
 
 
-class FinetuneConfig(StageConfig):
+class FinetuneConfig(TrainingStageConfig):
     data: DataSpec | None = None  # None: the run's own corpus
-    train: TrainSpec = TrainSpec()
     keep_sparsity: bool = True
 
     @field_validator("data")
@@ -37,22 +41,11 @@ class FinetuneConfig(StageConfig):
             raise ValueError("vocab_size: fine-tuning reads the corpus with the run's tokenizer")
         return data
 
-    @field_serializer("train")
-    def _given_only(self, train: TrainSpec) -> dict:
-        # the keys left out take the run's values, not TrainSpec's defaults: a dump (the stage
-        # report, the recipe written into the report) keeps only what was given
-        return train.model_dump(include=train.model_fields_set)
-
-    def train_config(self, run: TrainConfig) -> TrainConfig:
-        """The run's training settings with the keys this stage gives replaced."""
-        given = self.train.model_dump(include=self.train.model_fields_set)
-        return dataclasses.replace(run, **given)
-
     def describe(self) -> str:
         """e.g. ``data=files shakespeare.txt, max_steps=300``: the corpus and the training keys
         given (the others are the run's)."""
         parts = [f"data={self.data_description()}"] if self.data is not None else []
-        parts += [f"{k}={v}" for k, v in self._given_only(self.train).items()]
+        parts += [f"{k}={v}" for k, v in self.given_train().items()]
         if not self.keep_sparsity:
             parts.append("keep_sparsity=False")
         return ", ".join(parts)

@@ -78,13 +78,15 @@ def _structured(s: Mapping[str, Any]) -> str:
     return f"{text} ({s.get('importance', 'magnitude')})"
 
 
-def _steps(s: Mapping[str, Any], steps: int | None) -> str:
-    n = steps if steps is not None else s.get("max_steps")
-    return f"{number(n)} steps" if n is not None else "the run's steps"
+def _given_steps(given: Mapping[str, Any]) -> Any:
+    """A training stage's ``train.max_steps`` as given (older records: ``max_steps``)."""
+    train = given.get("train") if isinstance(given.get("train"), Mapping) else {}
+    return train.get("max_steps", given.get("max_steps"))
 
 
-def _distill(s: Mapping[str, Any], steps: int | None = None) -> str:
-    text = f"distill {_steps(s, steps)}"
+def _distill(s: Mapping[str, Any], given: Mapping[str, Any], steps: int | None = None) -> str:
+    n = steps if steps is not None else _given_steps(given)
+    text = "distill " + (f"{number(n)} steps" if n is not None else "(the run's training)")
     student = s.get("student")
     if isinstance(student, Mapping):
         sizes = ", ".join(f"{k} {number(v)}" for k, v in student.items())
@@ -95,8 +97,7 @@ def _distill(s: Mapping[str, Any], steps: int | None = None) -> str:
 
 
 def _finetune(s: Mapping[str, Any], given: Mapping[str, Any], steps: int | None = None) -> str:
-    train = given.get("train") if isinstance(given.get("train"), Mapping) else {}
-    n = steps if steps is not None else train.get("max_steps")
+    n = steps if steps is not None else _given_steps(given)
     text = "finetune " + (f"{number(n)} steps" if n is not None else "(the run's training)")
     data = given.get("data")
     if isinstance(data, Mapping):
@@ -166,7 +167,7 @@ def describe_stage(
         return _finetune(given, given, steps)
     s = _settings(name, given)
     if name == "distill":
-        return _distill(s, steps)
+        return _distill(s, given, steps)
     phrase = _PHRASES.get(name)
     return phrase(s) if phrase is not None else _generic(name, given)
 

@@ -18,7 +18,7 @@ from compress.recipe import recipe_from_dict, variant_stages
 from compress.variant import load_variant, save_variant
 
 FAST_SETTINGS: dict[str, dict] = {
-    "distill": {"max_steps": 6, "eval_every": 3, "eval_batches": 1, "seq_len": 64},
+    "distill": {"train": {"max_steps": 6, "eval_every": 3, "eval_batches": 1, "seq_len": 64}},
     "finetune": {"train": {"max_steps": 6, "eval_every": 3, "eval_batches": 1, "seq_len": 64}},
     "structured": {"ratio": 0.5},
     "rtn": {"group_size": 64},  # the tiny model's 64-wide layers

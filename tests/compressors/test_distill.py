@@ -28,8 +28,9 @@ def test_a_smaller_student_of_the_same_family_learns_from_the_loaded_model(
     hf_model_dirs, tiny_workspace, family, tmp_path
 ) -> None:
     teacher, _ = load_pretrained(str(hf_model_dirs[family]), REPO)
+    train = {"max_steps": 30, "batch_size": 8, "seq_len": 64, "lr": 3e-3, "warmup_steps": 10}
     cfg = REGISTRY["distill"].config_cls(
-        student=STUDENTS[family], max_steps=30, eval_every=15, eval_batches=2, seq_len=64, lr=3e-3
+        student=STUDENTS[family], train={**train, "eval_every": 15, "eval_batches": 2}
     )
     ctx = StageContext(seed=0, tokens=tiny_workspace.tokens, models={"baseline": teacher})
     student, report = run_stage("distill", teacher, cfg, ctx)

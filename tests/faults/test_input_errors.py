@@ -198,7 +198,7 @@ def test_validation_error_for_late_variant_names_a_few_earlier_ones(tmp_path) ->
 
 def test_distill_seq_len_beyond_block_size(tmp_path, cache, capsys) -> None:
     recipe = _files_recipe(
-        tmp_path, variants=[{"name": "d", "pipeline": [{"distill": {"seq_len": 256}}]}]
+        tmp_path, variants=[{"name": "d", "pipeline": [{"distill": {"train": {"seq_len": 256}}}]}]
     )
     code, path, report = _run(tmp_path, recipe)
     _assert_refused(
@@ -206,7 +206,7 @@ def test_distill_seq_len_beyond_block_size(tmp_path, cache, capsys) -> None:
         code,
         cache,
         report,
-        "variants[0].pipeline[0].distill.seq_len = 256",
+        "variants[0].pipeline[0].distill.train.seq_len = 256",
         "block size 128",
     )
 
@@ -216,10 +216,38 @@ def test_distill_seq_len_in_sweep_beyond_block_size(tmp_path, cache, capsys) -> 
     del recipe["variants"]
     recipe["sweep"] = {
         "params": {"d": {"choice": [False, True]}},
-        "pipeline": [{"distill": {"seq_len": 200}, "when": {"d": True}}],
+        "pipeline": [{"distill": {"train": {"seq_len": 200}}, "when": {"d": True}}],
     }
     code, path, report = _run(tmp_path, recipe)
-    _assert_refused(capsys, code, cache, report, "sweep.pipeline[0].distill.seq_len = 200")
+    _assert_refused(capsys, code, cache, report, "sweep.pipeline[0].distill.train.seq_len = 200")
+
+
+def test_distill_training_keys_given_flat_are_refused_with_the_nested_form(
+    tmp_path, cache, capsys
+) -> None:
+    # earlier recipes gave them flat, with distillation's own defaults; now they nest under
+    # train and default to the recipe's, so a flat key would silently mean something else
+    distill = {"teacher": "baseline", "max_steps": 300, "lr": 0.001}
+    recipe = _files_recipe(tmp_path, variants=[{"name": "d", "pipeline": [{"distill": distill}]}])
+    code, path, report = _run(tmp_path, recipe)
+    _assert_refused(
+        capsys,
+        code,
+        cache,
+        report,
+        "variants[0].pipeline[0].distill",
+        "lr, max_steps: training settings go under train",
+        "distill: {train: {lr: 0.001, max_steps: 300}}",
+    )
+
+
+def test_a_stage_cannot_set_the_baseline_cache_policy(tmp_path, cache, capsys) -> None:
+    stage = {"finetune": {"train": {"max_steps": 5, "partial": "accept"}}}
+    recipe = _files_recipe(tmp_path, variants=[{"name": "f", "pipeline": [stage]}])
+    code, path, report = _run(tmp_path, recipe)
+    _assert_refused(
+        capsys, code, cache, report, "finetune.train", "partial: only the baseline's training"
+    )
 
 
 def test_report_folder_is_a_file(tmp_path, cache, capsys) -> None:

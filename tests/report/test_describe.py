@@ -34,7 +34,7 @@ def test_percent() -> None:
 def test_pipeline_reads_as_words() -> None:
     pipeline = [
         {"prune": {"sparsity": 0.5}},
-        {"distill": {"max_steps": 60}},
+        {"distill": {"train": {"max_steps": 60}}},
         {"int8": {}},
     ]
     assert describe_pipeline(pipeline) == "prune 50% magnitude -> distill 60 steps -> int8"
@@ -48,7 +48,11 @@ def test_defaults_fill_in_and_settings_show() -> None:
     assert describe_stage("nf4") == "nf4 (block 64)"
     assert describe_stage("int8", {"threshold": 4.0}) == "int8 (threshold 4)"
     student = describe_stage("distill", {"student": {"n_layer": 1, "n_embd": 64}})
-    assert student == "distill 200 steps into a new student (n_layer 1, n_embd 64)"
+    assert student == "distill (the run's training) into a new student (n_layer 1, n_embd 64)"
+    student = describe_stage("distill", {"student": {"n_layer": 1}, "train": {"max_steps": 90}})
+    assert student == "distill 90 steps into a new student (n_layer 1)"
+    # a stage report written before the training keys nested under train
+    assert describe_stage("distill", {"max_steps": 200}) == "distill 200 steps"
     assert describe_stage("structured", {"ratio": 0.3}) == (
         "structured prune 30% of heads + MLP (magnitude)"
     )
@@ -59,7 +63,7 @@ def test_defaults_fill_in_and_settings_show() -> None:
 
 def test_no_python_reprs() -> None:
     text = describe_pipeline([{"distill": {"student": {"n_layer": 1}, "alpha": 0.7}}])
-    assert "{" not in text and "'" not in text and "=" not in text
+    assert "{" not in text and "'n_layer'" not in text and "=" not in text
 
 
 def test_a_stage_report_says_the_steps_it_ran() -> None:

@@ -487,7 +487,9 @@ def realistic_sweep(n_sampled: int = 25, seed: int = 0) -> list[dict]:
             stages.append(f"prune(sparsity {sparsity})")
             params["distill.steps"] = distill
             if distill:
-                pipeline.append({"distill": {"teacher": "baseline", "max_steps": distill}})
+                pipeline.append(
+                    {"distill": {"teacher": "baseline", "train": {"max_steps": distill}}}
+                )
                 stages.append(f"distill({distill} steps)")
         ppl = BASE_PPL * (1 + 0.5 * sparsity**2 / (1 + distill / 150)) + rng.gauss(0, 0.15)
         lat, wb = 1.0 - 0.1 * sparsity, 1.0

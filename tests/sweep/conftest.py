@@ -58,7 +58,7 @@ def slow_sweep_recipe(**sweep_overrides) -> dict:
     sweep = recipe["sweep"]
     sweep["params"]["steps"] = {"int": [20, 40], "step": 20, "default": 20, "when": {"prune": True}}
     sweep["pipeline"].insert(
-        1, {"distill": {"max_steps": "$steps", "seq_len": 64}, "when": {"prune": True}}
+        1, {"distill": {"train": {"max_steps": "$steps", "seq_len": 64}}, "when": {"prune": True}}
     )
     sweep["seeds"]["prune50"]["steps"] = 20
     return recipe

@@ -140,7 +140,9 @@ def test_a_sweep_recipe_takes_no_fixed_variants() -> None:
 def test_distillation_in_a_sweep_is_taught_by_the_baseline() -> None:
     sweep = {
         "params": {"distill": {"choice": [False, True]}},
-        "pipeline": [{"distill": {"teacher": "other", "max_steps": 5}, "when": {"distill": True}}],
+        "pipeline": [
+            {"distill": {"teacher": "other", "train": {"max_steps": 5}}, "when": {"distill": True}}
+        ],
         "seeds": {},
     }
     with pytest.raises(RecipeError) as err:
@@ -155,12 +157,14 @@ def test_log_and_int_params() -> None:
             "lr": {"float": [1e-4, 1e-2], "log": True, "when": {"distill": True}},
             "steps": {"int": [5, 20], "step": 5, "when": {"distill": True}},
         },
-        "pipeline": [{"distill": {"lr": "$lr", "max_steps": "$steps"}, "when": {"distill": True}}],
+        "pipeline": [
+            {"distill": {"train": {"lr": "$lr", "max_steps": "$steps"}}, "when": {"distill": True}}
+        ],
         "seeds": {"d": {"distill": True, "lr": 1e-3, "steps": 10}},
     }
     spec = _load(sweep).sweep
     assert resolve(spec, defaults(spec, spec.seeds["d"])) == [
-        {"distill": {"lr": 1e-3, "max_steps": 10}}
+        {"distill": {"train": {"lr": 1e-3, "max_steps": 10}}}
     ]
     with pytest.raises(RecipeError, match="log scale needs low > 0"):
         _load({**sweep, "params": {**sweep["params"], "lr": {"float": [0, 1], "log": True}}})
