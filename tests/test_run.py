@@ -217,7 +217,7 @@ def test_pipeline_composes_and_reports_every_step(first_run, tmp_path) -> None:
     fast = {"max_steps": 30, "eval_every": 15, "eval_batches": 1, "seq_len": 64, "lr": 1e-3}
     data["variants"] = [
         {"name": "pruned", "pipeline": [{"prune": {"sparsity": 0.5}}]},
-        {"name": "recovered", "from": "pruned", "pipeline": [{"distill": fast}]},
+        {"name": "recovered", "from": "pruned", "pipeline": [{"distill": {"train": fast}}]},
         {"name": "recovered-int8", "from": "recovered", "pipeline": [{"int8": {}}]},
     ]
     out = tmp_path / "r"
