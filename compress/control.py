@@ -16,17 +16,20 @@ Stages that do not train (pruning, quantization) are left out: the control is un
 A control is computed once per budget and cached (``controls/<key>`` in the cache), its files
 checked against their sha256 digests when read back; the key covers the baseline (with its
 steps when partial), the seed and the training stages' settings, and, for a stage that trains
-on another corpus, that corpus's token ids.
+on another corpus, that corpus's token ids. One process trains a control at a time: another
+that needs the same one (a sweep's workers often do) waits for it and reads it from the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +104,31 @@ def control_key(baseline: str, seed: int, stages: list[Stage], resolved: list[di
 
 def entry_path(key: str) -> Path:
     return cache_dir() / "controls" / key
+
+
+@contextlib.contextmanager
+def building_control(key: str) -> Iterator[None]:
+    """Hold the right to build the control ``key``: an ``fcntl.flock`` on ``controls/.<key>.lock``
+    in the cache, waited for when another process holds it (the kernel drops it when its holder
+    dies, so a killed worker never wedges the others). Where ``fcntl`` is missing, nothing is
+    locked: two processes may both train it (the cache keeps one whole entry)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = entry_path(key).with_name(f".{key}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("control %s is being trained by another process; waiting for it", key)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
 
 
 def read_control(key: str) -> Control | None:

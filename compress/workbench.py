@@ -41,6 +41,7 @@ from compress.compressors import StageContext, StageReport, run_stage
 from compress.compressors.training import TrainingStageConfig
 from compress.control import (
     Control,
+    building_control,
     control_key,
     control_stages,
     read_control,
@@ -487,17 +488,23 @@ def control_for(ws: Workspace, stages: list[Stage]) -> tuple[list[Stage], str] |
 
 def build_control(ws: Workspace, stages: list[Stage], key: str, progress: bool = False) -> Control:
     """The control ``key``: read from the cache, or the baseline trained through ``stages``
-    (see :func:`control_for`) and cached."""
+    (see :func:`control_for`) and cached. Another process training the same control is waited
+    for, and its entry read, instead of training it twice."""
     cached = read_control(key)
-    if cached is not None:
-        log.info("control %s loaded from %s", key, cached.path)
-        cached.model = cached.model.to(ws.device).eval()
-        return cached
-    model = copy.deepcopy(ws.baseline).eval()
-    model, reports = _run_stages(ws, "control", model, stages, {BASELINE: ws.baseline}, progress)
-    path = write_control(key, model, reports)
-    log.info("control %s trained and cached at %s", key, path)
-    return Control(key, model.eval(), reports, False, path)
+    if cached is None:
+        with building_control(key):
+            cached = read_control(key)  # written while this process waited
+            if cached is None:
+                model = copy.deepcopy(ws.baseline).eval()
+                model, reports = _run_stages(
+                    ws, "control", model, stages, {BASELINE: ws.baseline}, progress
+                )
+                path = write_control(key, model, reports)
+                log.info("control %s trained and cached at %s", key, path)
+                return Control(key, model.eval(), reports, False, path)
+    log.info("control %s loaded from %s", key, cached.path)
+    cached.model = cached.model.to(ws.device).eval()
+    return cached
 
 
 def control_perplexity(

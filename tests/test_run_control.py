@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from compress import run as run_mod
 from compress import workbench
-from compress.control import control_stages, entry_path
+from compress.compressors import StageReport
+from compress.control import building_control, control_stages, entry_path, write_control
 from compress.recipe import recipe_from_dict, variant_stages
 
 TRAIN = {
@@ -141,6 +146,44 @@ def test_a_damaged_control_entry_is_trained_again(tiny_workspace, caplog):
     assert again.cached is False and first.cached is False
     assert "cached control" in caplog.text and "does not match its checksum" in caplog.text
     assert workbench.build_control(ws, stages, key).cached is True
+
+
+def test_a_control_another_process_is_training_is_waited_for_and_read(tiny_workspace, caplog):
+    # the lock is taken by its own open file, as another process would hold it
+    ws = tiny_workspace
+    stages, key = workbench.control_for(
+        ws, _stages([{"distill": {**DISTILL, "train": {**TRAIN, "max_steps": 2}}}])
+    )
+    held, release = threading.Event(), threading.Event()
+    trained: list[Path] = []
+
+    def other_process() -> None:
+        with building_control(key):
+            held.set()
+            release.wait(timeout=600)
+            model = copy.deepcopy(ws.baseline)
+            trained.append(write_control(key, model, [StageReport(stage="distill", config={})]))
+
+    holder = threading.Thread(target=other_process)
+    holder.start()
+    assert held.wait(timeout=600)
+    result: list = []
+    waiter = threading.Thread(
+        target=lambda: result.append(workbench.build_control(ws, stages, key))
+    )
+    try:
+        with caplog.at_level(logging.INFO, logger="compress.control"):
+            waiter.start()
+            while "being trained by another process" not in caplog.text and waiter.is_alive():
+                time.sleep(0.01)
+            assert not result, "built while another process held the control"
+    finally:
+        release.set()
+        holder.join(timeout=600)
+        waiter.join(timeout=600)
+    (ctl,) = result
+    assert ctl.cached is True and ctl.path == trained[0]  # read, not trained a second time
+    assert [r.stage for r in ctl.reports] == ["distill"] and ctl.reports[0].curve == []
 
 
 def _stages(pipeline: list[dict]):
