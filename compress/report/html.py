@@ -65,7 +65,8 @@ pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: 10px; overflow-x:
       font-size: 12px; }
 """
 
-_MB = 1e6
+MB = 1e6
+"""Bytes in a megabyte (10⁶ bytes), the unit of the reports' MB columns and axes."""
 
 
 def format_value(value: Any) -> str:
@@ -194,13 +195,13 @@ def _summary_cells(row: dict) -> list[str]:
         _num(row.get("latency_ratio"), ".3f")
         + _interval(row, "latency_ratio", ".3f")
         + (" NOISY" if row.get("latency_noisy") is True else ""),
-        _num(row.get("weight_bytes"), ".2f", _MB),
+        _num(row.get("weight_bytes"), ".2f", MB),
         _num(row.get("weight_bytes_ratio"), ".3f"),
         _num(row.get("quantized_layer_bytes_ratio"), ".3f"),
-        _num(row.get("saved_bytes"), ".2f", _MB),
-        _num(row.get("peak_rss_bytes"), ".1f", _MB),
-        _num(row.get("model_rss_bytes"), ".1f", _MB),
-        _num(row.get("gpu_peak_bytes"), ".1f", _MB),
+        _num(row.get("saved_bytes"), ".2f", MB),
+        _num(row.get("peak_rss_bytes"), ".1f", MB),
+        _num(row.get("model_rss_bytes"), ".1f", MB),
+        _num(row.get("gpu_peak_bytes"), ".1f", MB),
         "—" if params is None else f"{params / 1e6:.3g}",
         _num(row.get("sparsity"), ".3f"),
     ]

@@ -627,22 +627,22 @@ def test_labels_of_nearby_points_do_not_overprint() -> None:
 
 
 def test_seeds_at_the_same_point_share_one_label(monkeypatch) -> None:
-    from compress.report import sweep as sweep_mod
+    from compress.report.sweep import plots as sweep_plots
 
     seen: list[str] = []
-    real = sweep_mod.place_labels
+    real = sweep_plots.place_labels
 
     def spy(anchors, texts, *args, **kwargs):
         seen.extend(texts)
         return real(anchors, texts, *args, **kwargs)
 
-    monkeypatch.setattr(sweep_mod, "place_labels", spy)
+    monkeypatch.setattr(sweep_plots, "place_labels", spy)  # where front_plot looks it up
     trials = [
         trial(0, BASE_PPL, 1.0, 200.0, seed="baseline"),
         trial(1, 40.2, 0.5, 100.0, seed="int8", stages="int8"),
         trial(2, 40.2, 0.5, 100.0, seed="int8-again", stages="int8"),
     ]
-    assert sweep_mod.front_plot(
+    assert sweep_plots.front_plot(
         trials, "latency_ratio", "perplexity", title="t", x_label="x", y_label="y"
     )
     assert sorted(seen) == ["baseline", "int8, int8-again"]
