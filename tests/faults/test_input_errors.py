@@ -211,6 +211,15 @@ def test_distill_seq_len_beyond_block_size(tmp_path, cache, capsys) -> None:
     )
 
 
+def test_finetune_seq_len_beyond_block_size(tmp_path, cache, capsys) -> None:
+    stage = {"finetune": {"train": {"max_steps": 5, "seq_len": 129}}}
+    recipe = _files_recipe(tmp_path, variants=[{"name": "f", "pipeline": [stage]}])
+    code, path, report = _run(tmp_path, recipe)
+    _assert_refused(
+        capsys, code, cache, report, "variants[0].pipeline[0].finetune.train.seq_len = 129"
+    )
+
+
 def test_distill_seq_len_in_sweep_beyond_block_size(tmp_path, cache, capsys) -> None:
     recipe = _files_recipe(tmp_path, variants=None)
     del recipe["variants"]
