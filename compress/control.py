@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from compress.cache import cache_dir, seal_dir, stable_hash, verify_dir
 from compress.compressors import REGISTRY, StageReport
+from compress.locks import exclusive
 from compress.recipe import Stage
 from compress.variant import load_variant, save_variant
 
@@ -108,27 +109,16 @@ def entry_path(key: str) -> Path:
 
 @contextlib.contextmanager
 def building_control(key: str) -> Iterator[None]:
-    """Hold the right to build the control ``key``: an ``fcntl.flock`` on ``controls/.<key>.lock``
-    in the cache, waited for when another process holds it (the kernel drops it when its holder
-    dies, so a killed worker never wedges the others). Where ``fcntl`` is missing, nothing is
-    locked: two processes may both train it (the cache keeps one whole entry)."""
-    try:
-        import fcntl
-    except ImportError:
+    """Hold the right to build the control ``key`` (a lock on ``controls/.<key>.lock`` in the
+    cache, :func:`compress.locks.exclusive`), waiting while another process holds it. Where no
+    lock exists (no ``fcntl``), two processes may both train it; the cache keeps one whole
+    entry."""
+
+    def waiting() -> None:
+        log.info("control %s is being trained by another process; waiting for it", key)
+
+    with exclusive(entry_path(key).with_name(f".{key}.lock"), waiting):
         yield
-        return
-    path = entry_path(key).with_name(f".{key}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("control %s is being trained by another process; waiting for it", key)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor drops the lock
 
 
 def read_control(key: str) -> Control | None:

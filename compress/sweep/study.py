@@ -8,6 +8,7 @@ IMMEDIATE, so two workers never claim the same queued trial (see open_storage).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -28,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from compress.cache import stable_hash
 from compress.errors import CompressError
+from compress.locks import exclusive
 from compress.storage import mask_url
 from compress.sweep.progress import Echo
 from compress.sweep.space import ParamSpec, SweepSpec
@@ -63,17 +65,25 @@ def study_name(recipe: Recipe, override: str | None = None) -> str:
 def open_storage(url: str, spec: SweepSpec) -> RDBStorage:
     sqlite = url.startswith("sqlite")
     engine_kwargs: dict[str, Any] = {}
+    # Optuna creates its tables when a database has none: two processes opening a fresh one at
+    # once both try (SQLite: "table studies already exists"). On SQLite they take turns through
+    # a lock file beside the database; elsewhere the loser retries.
+    creating: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     if sqlite:
         # isolation_level None: the sqlite3 driver leaves BEGIN to us (see _serialize_sqlite)
         engine_kwargs["connect_args"] = {"timeout": 120, "isolation_level": None}
-        Path(url.split("///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
+        database = Path(url.split("///", 1)[-1])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        if str(database) not in ("", ":memory:"):
+            lock = database.with_name(database.name + ".open.lock")
+            creating = lambda: exclusive(lock)  # noqa: E731
     else:
         engine_kwargs["pool_pre_ping"] = True
     from sqlalchemy.exc import IntegrityError
 
     for attempt in range(5):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), creating():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = RDBStorage(
                     url,
@@ -85,20 +95,19 @@ def open_storage(url: str, spec: SweepSpec) -> RDBStorage:
             if sqlite:
                 _serialize_sqlite(storage.engine)
             return storage
-        except IntegrityError:
-            # another worker is creating the tables of a fresh database at the same moment
-            if attempt == 4:
-                raise SweepError(
-                    f"storage {mask_url(url)}: cannot create Optuna's tables"
-                ) from None
-            time.sleep(1 + attempt)
         except ModuleNotFoundError as exc:
             hint = " (pip install 'compress[postgres]')" if "psycopg" in str(exc) else ""
             raise SweepError(f"storage {mask_url(url)}: missing driver: {exc}{hint}") from None
         except Exception as exc:
-            raise SweepError(
-                f"storage {mask_url(url)}: cannot open: {type(exc).__name__}: {exc}"
-            ) from None
+            reason = f"{type(exc).__name__}: {exc}"
+            if not (isinstance(exc, IntegrityError) or "already exists" in str(exc)):
+                raise SweepError(f"storage {mask_url(url)}: cannot open: {reason}") from None
+            # another process is creating the tables of a fresh database at the same moment
+            if attempt == 4:
+                raise SweepError(
+                    f"storage {mask_url(url)}: cannot create Optuna's tables: {reason}"
+                ) from None
+            time.sleep(1 + attempt)
     raise AssertionError("unreachable")
 
 
