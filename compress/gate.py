@@ -58,6 +58,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from compress.locks import default_lock_dir, open_lock_file, shared_dir
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -65,39 +67,9 @@ except ImportError:  # Windows
 
 log = logging.getLogger(__name__)
 
-ENV_LOCK_DIR = "COMPRESS_LOCK_DIR"
 
 # Gates of this process whose descriptors a forked child must drop (see _after_fork_in_child).
 _open_gates: weakref.WeakSet[MachineGate] = weakref.WeakSet()
-
-
-def default_lock_dir() -> Path:
-    """``$COMPRESS_LOCK_DIR`` if set, else ``<tempfile.gettempdir()>/compress-locks``."""
-    env = os.environ.get(ENV_LOCK_DIR)
-    if env:
-        return Path(env)
-    import tempfile  # only here: it is not free to import
-
-    return Path(tempfile.gettempdir()) / "compress-locks"
-
-
-def _open_lock_file(path: Path) -> int:
-    """A fresh open file description on ``path``, created readable and writable by all.
-
-    flock needs no write access, so the file is opened read-only: a lock file another user
-    created with a narrower mode still works. Opening without ``O_CREAT`` first keeps
-    ``fs.protected_regular`` from refusing another user's file in a sticky folder.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-    try:
-        return os.open(path, flags)
-    except FileNotFoundError:
-        fd = os.open(path, flags | os.O_CREAT, 0o666)
-        try:
-            os.fchmod(fd, 0o666)  # undo the umask so other users can open it too
-        except OSError:
-            pass
-        return fd
 
 
 class MachineGate:
@@ -157,17 +129,9 @@ class MachineGate:
         if self._pid != pid:
             self._forget_inherited()
             try:
-                try:
-                    self.lock_dir.mkdir(parents=True)
-                except FileExistsError:
-                    pass  # someone else's folder: leave its mode alone
-                else:
-                    try:
-                        os.chmod(self.lock_dir, 0o1777)  # shared by all users, like /tmp
-                    except OSError:
-                        pass
-                self._turnstile_fd = _open_lock_file(self.turnstile_path)
-                self._rw_fd = _open_lock_file(self.rw_path)
+                shared_dir(self.lock_dir)
+                self._turnstile_fd = open_lock_file(self.turnstile_path)
+                self._rw_fd = open_lock_file(self.rw_path)
             except BaseException:
                 self._close()
                 raise

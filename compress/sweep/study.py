@@ -9,6 +9,7 @@ IMMEDIATE, so two workers never claim the same queued trial (see open_storage).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import time
@@ -29,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from compress.cache import stable_hash
 from compress.errors import CompressError
-from compress.locks import exclusive
+from compress.locks import default_lock_dir, exclusive, shared_dir
 from compress.storage import mask_url
 from compress.sweep.progress import Echo
 from compress.sweep.space import ParamSpec, SweepSpec
@@ -67,7 +68,8 @@ def open_storage(url: str, spec: SweepSpec) -> RDBStorage:
     engine_kwargs: dict[str, Any] = {}
     # Optuna creates its tables when a database has none: two processes opening a fresh one at
     # once both try (SQLite: "table studies already exists"). On SQLite they take turns through
-    # a lock file beside the database; elsewhere the loser retries.
+    # a lock in the machine's lock folder (nothing is written beside the user's database, whose
+    # folder may be a report folder the run is about to refuse); elsewhere the loser retries.
     creating: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     if sqlite:
         # isolation_level None: the sqlite3 driver leaves BEGIN to us (see _serialize_sqlite)
@@ -75,7 +77,8 @@ def open_storage(url: str, spec: SweepSpec) -> RDBStorage:
         database = Path(url.split("///", 1)[-1])
         database.parent.mkdir(parents=True, exist_ok=True)
         if str(database) not in ("", ":memory:"):
-            lock = database.with_name(database.name + ".open.lock")
+            name = hashlib.sha256(os.path.realpath(database).encode()).hexdigest()[:16]
+            lock = shared_dir(default_lock_dir()) / f"sqlite-open-{name}.lock"
             creating = lambda: exclusive(lock)  # noqa: E731
     else:
         engine_kwargs["pool_pre_ping"] = True

@@ -82,6 +82,8 @@ def test_commands_opening_a_fresh_sqlite_database_together_all_open_it(tmp_path:
         for p in procs:
             p.join(30)
         assert results == ["ok"] * WORKERS, results
+    # the lock is in the machine's lock folder: nothing beside the user's database
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"fresh-{i}.db" for i in range(3)]
 
 
 def test_the_report_folder_records_the_storage_without_its_password(tmp_path: Path) -> None:
